@@ -1,0 +1,263 @@
+"""Checkpoint model: config, quantization config, index, shard headers and per-module bit widths.
+
+Only headers and JSON are read here. A quantized module ``P`` owns ``P.qweight`` (int32 ``[K*b/32, N]``),
+``P.qzeros`` (int32 ``[K/g, N*b/32]``), ``P.scales`` (float ``[K/g, N]``) and optionally ``P.g_idx``
+(int32 ``[K]``) and ``P.bias``. Its width ``b`` comes from the shapes (``32 * qzeros.shape[1] /
+scales.shape[1]``), never from the config: real exports mix widths under one ``bits`` value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repack import codec
+from repack.errors import FormatError, UserError
+from repack.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+QCONFIG_NAME = "quantization_config.json"
+MODULE_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+AUTOROUND_METHODS = ("auto-round", "intel/auto-round", "auto_round")
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a tensor lives: shard file name (relative to the checkpoint root) and its header entry."""
+
+    shard: str
+    info: TensorInfo
+
+
+@dataclass
+class QuantModule:
+    prefix: str
+    bits: int
+    group_size: int
+    k: int
+    n: int
+    qweight: Loc
+    qzeros: Loc
+    scales: Loc
+    g_idx: Loc | None = None
+    bias: Loc | None = None
+
+    def parts(self) -> dict[str, Loc]:
+        out = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
+        if self.g_idx:
+            out["g_idx"] = self.g_idx
+        if self.bias:
+            out["bias"] = self.bias
+        return out
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict
+    quant_config: dict
+    quant_config_file: dict | None
+    index: dict | None
+    shards: dict[str, Header]
+    modules: dict[str, QuantModule]
+    tensor_shard: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shard_names(self) -> list[str]:
+        return list(self.shards)
+
+    @property
+    def config_bits(self) -> int | None:
+        return self.quant_config.get("bits")
+
+    @property
+    def group_size(self) -> int | None:
+        return self.quant_config.get("group_size")
+
+    def module_of(self, tensor: str) -> QuantModule | None:
+        prefix, _, part = tensor.rpartition(".")
+        m = self.modules.get(prefix)
+        return m if m is not None and part in MODULE_PARTS else None
+
+    def float_tensors(self) -> list[str]:
+        return [t for t in self.tensor_shard if self.module_of(t) is None]
+
+
+def load_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: {what} not found") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from e
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+
+
+def module_override(quant_config: dict, prefix: str) -> dict:
+    """The ``extra_config`` entry that applies to module ``prefix`` (exact name first, then regex search)."""
+    extra = quant_config.get("extra_config") or {}
+    if not isinstance(extra, dict):
+        return {}
+    if isinstance(extra.get(prefix), dict):
+        return extra[prefix]
+    for key, val in extra.items():
+        if not isinstance(val, dict):
+            continue
+        try:
+            if re.search(key, prefix):
+                return val
+        except re.error:
+            continue
+    return {}
+
+
+def check_packing(qc: dict, path: Path) -> None:
+    """Accept only the AutoGPTQ bit layout (AutoRound ``auto_round:auto_gptq`` or GPTQ v1); refuse the rest."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method in AUTOROUND_METHODS:
+        fmt = str(qc.get("packing_format") or qc.get("backend") or "auto_round:auto_gptq")
+        if "gptq" not in fmt or "gptqmodel" in fmt or fmt.endswith("gptq_p"):
+            raise UserError(
+                f"{path}: packing_format {fmt!r} is not the AutoGPTQ layout (auto_round:auto_gptq); w3repack reads only that layout"
+            )
+    elif method == "gptq":
+        fmt = str(qc.get("checkpoint_format") or "gptq")
+        if fmt != "gptq":
+            raise UserError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq', zero points stored minus one)")
+        if qc.get("desc_act"):
+            raise UserError(f"{path}: desc_act (act-order) checkpoints are not supported: Marlin rejects desc_act with groups")
+    else:
+        raise UserError(f"{path}: quant_method {qc.get('quant_method')!r} is not auto-round or gptq")
+    if qc.get("sym") is False:
+        raise UserError(
+            f"{path}: sym is false: asymmetric zero points cannot be served by vLLM's Marlin kernels (symmetric 4/8-bit only)"
+        )
+
+
+def open_checkpoint(root: str | Path) -> Checkpoint:
+    """Read config, index and every shard header of a local checkpoint folder; validate structure."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: source not found")
+    if not root.is_dir():
+        raise UserError(f"{root}: source is not a directory")
+    config = load_json(root / CONFIG_NAME, "config.json")
+    if not isinstance(config, dict):
+        raise FormatError(f"{root / CONFIG_NAME}: not a JSON object")
+    qfile = None
+    if (root / QCONFIG_NAME).exists():
+        qfile = load_json(root / QCONFIG_NAME, "quantization_config.json")
+        if not isinstance(qfile, dict):
+            raise FormatError(f"{root / QCONFIG_NAME}: not a JSON object")
+    qc = config.get("quantization_config", qfile)
+    if not isinstance(qc, dict):
+        raise FormatError(f"{root / CONFIG_NAME}: no quantization_config: not a quantized checkpoint")
+    check_packing(qc, root / CONFIG_NAME)
+    warnings = []
+    if qfile is not None and qfile != qc:
+        warnings.append("quantization_config.json differs from config.json's quantization_config; config.json's copy is used")
+
+    index, shard_files = _read_index(root)
+    shards: dict[str, Header] = {}
+    tensor_shard: dict[str, str] = {}
+    for name in shard_files:
+        h = read_header(root / name)
+        shards[name] = h
+        for t in h.tensors:
+            if t in tensor_shard:
+                raise FormatError(f"{root / name}: tensor {t} is also in shard {tensor_shard[t]}")
+            tensor_shard[t] = name
+    if index is not None:
+        wm = index["weight_map"]
+        for t, s in wm.items():
+            if t not in tensor_shard:
+                raise FormatError(f"{root / INDEX_NAME}: tensor {t} is mapped to {s}, which does not hold it")
+            if tensor_shard[t] != s:
+                raise FormatError(f"{root / INDEX_NAME}: tensor {t} is mapped to {s} but stored in {tensor_shard[t]}")
+        for t, s in tensor_shard.items():
+            if t not in wm:
+                raise FormatError(f"{root / s}: tensor {t} is not listed in {INDEX_NAME}")
+    modules = _collect_modules(root, qc, shards, tensor_shard)
+    return Checkpoint(root, config, qc, qfile, index, shards, modules, tensor_shard, warnings)
+
+
+def _read_index(root: Path) -> tuple[dict | None, list[str]]:
+    ipath = root / INDEX_NAME
+    if not ipath.exists():
+        if (root / SINGLE_NAME).exists():
+            return None, [SINGLE_NAME]
+        raise UserError(f"{root}: neither {INDEX_NAME} nor {SINGLE_NAME} found: not a safetensors checkpoint")
+    index = load_json(ipath, "index")
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise FormatError(f"{ipath}: no weight_map object")
+    files: list[str] = []
+    for t, s in index["weight_map"].items():
+        if not isinstance(s, str) or not s or s.startswith("/") or ".." in Path(s).parts:
+            raise FormatError(f"{ipath}: tensor {t}: shard name {s!r} is not a relative file name")
+        if s not in files:
+            files.append(s)
+    for s in files:
+        if not (root / s).is_file():
+            raise FormatError(f"{ipath}: names shard {s}, which is missing")
+    return index, sorted(files)
+
+
+def _collect_modules(root: Path, qc: dict, shards: dict[str, Header], tensor_shard: dict[str, str]) -> dict[str, QuantModule]:
+    groups: dict[str, dict[str, Loc]] = {}
+    for t, s in tensor_shard.items():
+        prefix, _, part = t.rpartition(".")
+        if part in ("qweight", "qzeros", "scales", "g_idx"):
+            groups.setdefault(prefix, {})[part] = Loc(s, shards[s].tensors[t])
+    modules = {}
+    for prefix, parts in groups.items():
+        where = f"{root}: module {prefix}"
+        for need in ("qweight", "qzeros", "scales"):
+            if need not in parts:
+                have = ", ".join(sorted(parts))
+                raise FormatError(f"{where}: has {have} but no {need}")
+        bias_name = prefix + ".bias"
+        bias = Loc(tensor_shard[bias_name], shards[tensor_shard[bias_name]].tensors[bias_name]) if bias_name in tensor_shard else None
+        modules[prefix] = _module(where, prefix, parts, bias, qc)
+    return modules
+
+
+def _module(where: str, prefix: str, parts: dict[str, Loc], bias: Loc | None, qc: dict) -> QuantModule:
+    qw, qz, sc = parts["qweight"].info, parts["qzeros"].info, parts["scales"].info
+    gi = parts["g_idx"].info if "g_idx" in parts else None
+    for t, ok in ((qw, ("I32",)), (qz, ("I32",)), (sc, FLOAT_DTYPES), (gi, ("I32", "I64"))):
+        if t is not None and t.dtype not in ok:
+            raise FormatError(f"{where}: {t.name} has dtype {t.dtype}, expected {' or '.join(ok)}")
+    for t in (qw, qz, sc):
+        if len(t.shape) != 2:
+            raise FormatError(f"{where}: {t.name} has shape {list(t.shape)}, expected 2 dimensions")
+    n = sc.shape[1]
+    if qw.shape[1] != n:
+        raise FormatError(f"{where}: qweight has {qw.shape[1]} columns but scales has {n}")
+    if n == 0 or (32 * qz.shape[1]) % n:
+        raise FormatError(f"{where}: qzeros {list(qz.shape)} and scales {list(sc.shape)} imply no whole bit width")
+    bits = 32 * qz.shape[1] // n
+    if bits not in codec.SUPPORTED_BITS:
+        raise FormatError(f"{where}: {bits}-bit weights are not supported (only 2, 3, 4 and 8)")
+    if qz.shape[0] != sc.shape[0]:
+        raise FormatError(f"{where}: qzeros has {qz.shape[0]} groups but scales has {sc.shape[0]}")
+    if bits == 3 and (qw.shape[0] % 3 or n % 32):
+        raise FormatError(f"{where}: 3-bit qweight {list(qw.shape)} is not made of whole 3-word blocks (N must divide by 32)")
+    k = qw.shape[0] * 32 // bits
+    groups = sc.shape[0]
+    if groups == 0 or k % groups:
+        raise FormatError(f"{where}: K={k} (from qweight) does not split into {groups} groups")
+    group = k // groups
+    if gi is not None and gi.shape != (k,):
+        raise FormatError(f"{where}: g_idx shape {list(gi.shape)} does not match K={k}")
+    want = module_override(qc, prefix).get("group_size", qc.get("group_size"))
+    if isinstance(want, int) and want not in (-1, 0) and want != group:
+        raise FormatError(f"{where}: shapes give group size {group} but the config says {want}")
+    if isinstance(want, int) and want == -1 and groups != 1:
+        raise FormatError(f"{where}: config group_size -1 but scales has {groups} groups")
+    return QuantModule(prefix, bits, group, k, n, parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), bias)

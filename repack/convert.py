@@ -1,0 +1,376 @@
+"""Convert executor: runs a Plan into DST, atomically and resumably.
+
+Layout of an unfinished DST: finished shards under their final names (each renamed only after fsync),
+the shard in flight under ``.w3repack/<name>.partial``, and ``.w3repack/state.json`` recording the plan
+fingerprint and the sha256 of every finished shard. The configs, index and manifest are written last
+(``config.json`` then ``w3repack.json``), so DST is a loadable model only once everything is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from repack import __version__, codec
+from repack.checkpoint import open_checkpoint
+from repack.errors import FormatError, UserError
+from repack.plan import MANIFEST_NAME, STATE_DIR, Op, Options, Plan, ShardPlan, TensorOp, build_plan
+from repack.safetensors_io import NUMPY_DTYPES, pread_exact, read_array, to_float32
+from repack.stream import (
+    CHUNK, BufferPool, SeqReader, Sink, Stopped, atomic_write, copy_file_atomic, fsync_dir, sha256_file,
+)
+
+STATE_NAME = "state.json"
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Result:
+    plan: Plan
+    dst: Path
+    seconds: float
+    shards_written: list[str] = field(default_factory=list)
+    shards_kept: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise UserError(f"destination {dst} is the source itself")
+    if s in d.parents:
+        raise UserError(f"destination {dst} is inside the source {src}")
+    if d in s.parents:
+        raise UserError(f"source {src} is inside the destination {dst}")
+
+
+def load_state(dst: Path) -> dict | None:
+    for p in (dst / STATE_DIR / STATE_NAME, dst / MANIFEST_NAME):
+        if p.exists():
+            try:
+                obj = json.loads(p.read_text())
+            except (OSError, ValueError):
+                return None
+            return obj if isinstance(obj, dict) else None
+    return None
+
+
+def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
+    """Decide what in DST can be kept. Returns finished shards ``{name: {"sha256", "source_sha256"}}``."""
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"destination {dst} exists and is not a directory")
+    if not dst.exists() or not any(dst.iterdir()):
+        return {}
+    fp = plan.fingerprint()
+    state = load_state(dst)
+    same = state is not None and state.get("fingerprint") == fp
+    if not same:
+        if not overwrite:
+            why = "an earlier run of a different conversion" if state is not None else "files that are not from w3repack"
+            raise UserError(f"destination {dst} is not empty: it holds {why}; pass --overwrite to replace its contents")
+        for child in dst.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return {}
+    finished = state.get("finished") or {s["name"]: s for s in state.get("output_shards", [])}
+    kept = {}
+    sizes = {s.name: s.out_size for s in plan.shards}
+    for name, rec in finished.items():
+        p = dst / name
+        if name in sizes and p.is_file() and p.stat().st_size == sizes[name] and sha256_file(p) == rec.get("sha256"):
+            kept[name] = {"sha256": rec["sha256"], "source_sha256": rec.get("source_sha256", "")}
+    return kept
+
+
+def check_space(plan: Plan, dst: Path, kept: dict) -> None:
+    need = plan.out_total_bytes() - sum(s.out_size for s in plan.shards if s.name in kept)
+    probe = dst if dst.exists() else next(p for p in dst.resolve().parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(
+            f"not enough free space on {probe}: the output needs {need:,} more bytes ({need / 2**30:.2f} GiB), "
+            f"{free:,} bytes ({free / 2**30:.2f} GiB) are free"
+        )
+
+
+class _State:
+    def __init__(self, dst: Path, fingerprint: dict, finished: dict):
+        self.path = dst / STATE_DIR / STATE_NAME
+        self.fingerprint = fingerprint
+        self.finished = dict(finished)
+        self.lock = threading.Lock()
+        self.save()
+
+    def save(self) -> None:
+        atomic_write(self.path, json.dumps({"fingerprint": self.fingerprint, "finished": self.finished}, indent=1).encode())
+
+    def done(self, name: str, sha: str, src_sha: str) -> None:
+        with self.lock:
+            self.finished[name] = {"sha256": sha, "source_sha256": src_sha}
+            self.save()
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    options: Options,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    plan: Plan | None = None,
+) -> Result:
+    t0 = time.monotonic()
+    src, dst = Path(src), Path(dst)
+    if plan is None:
+        plan = build_plan(open_checkpoint(src), options)
+    check_paths(src, dst)
+    kept = prepare_dst(plan, dst, overwrite)
+    check_space(plan, dst, kept)
+    stop = stop or threading.Event()
+    progress = progress or (lambda n: None)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = _State(dst, plan.fingerprint(), kept)
+    todo = [s for s in plan.shards if s.name not in kept]
+    for s in plan.shards:
+        if s.name in kept:
+            progress(s.src_size)
+    workers = max(1, min(workers or default_workers(), max(1, len(todo))))
+    pool_bufs = BufferPool(3 * workers, CHUNK + (CHUNK // 3) + 64)
+    result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
+
+    def job(sp: ShardPlan) -> None:
+        sha, src_sha = convert_shard(plan, sp, dst, pool_bufs, stop, progress)
+        state.done(sp.name, sha, src_sha)
+        result.shards_written.append(sp.name)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w3repack") as ex:
+        futures = [ex.submit(job, sp) for sp in sorted(todo, key=lambda s: -s.src_size)]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    stop.set()
+                    raise f.exception()
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
+    extra = {}
+    for rel in plan.extra_files:
+        extra[rel] = copy_file_atomic(plan.ckpt.root / rel, dst / rel, stop)
+    for name, data in plan.metadata_files().items():
+        atomic_write(dst / name, data)
+    manifest = build_manifest(plan, state.finished, extra)
+    atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
+    shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
+    fsync_dir(dst)
+    result.seconds = time.monotonic() - t0
+    result.manifest = manifest
+    return result
+
+
+def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
+    root = plan.ckpt.root
+    return {
+        "tool": "w3repack",
+        "tool_version": __version__,
+        "complete": True,
+        "fingerprint": plan.fingerprint(),
+        "options": plan.options.to_json(),
+        "source": {
+            "path": str(root.resolve()),
+            "files": [
+                {"name": s.name, "size": s.src_size, "sha256": finished[s.name]["source_sha256"]} for s in plan.shards
+            ],
+        },
+        "output_shards": [{"name": s.name, "size": s.out_size, "sha256": finished[s.name]["sha256"]} for s in plan.shards],
+        "copied_files": [{"name": k, "sha256": v} for k, v in extra.items()],
+        "counts": plan.counts(),
+        "float_modules": plan.float_modules,
+        "total_size": sum(s.out_size for s in plan.shards),
+    }
+
+
+def _rows_per_chunk(row_bytes: int, multiple: int) -> int:
+    rows = max(1, CHUNK // max(1, row_bytes))
+    return max(multiple, rows - rows % multiple)
+
+
+def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: threading.Event, progress: Progress) -> tuple[str, str]:
+    """Stream one source shard into its output shard; returns (output sha256, source sha256)."""
+    src_path = plan.ckpt.root / sp.name
+    tmp = dst / STATE_DIR / (sp.name + ".partial")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    reader = SeqReader(src_path)
+    sink = Sink(tmp, pool, stop)
+    ok = False
+    try:
+        reader.read(sp.src.data_offset)
+        sink.write(sp.prefix)
+        progress(sp.src.data_offset)
+        for op in sp.ops:
+            if stop.is_set():
+                raise Stopped()
+            _run_op(plan, op, reader, sink, pool, stop, progress)
+        src_sha = reader.hexdigest()
+        sha = sink.finish()
+        if sink.written != sp.out_size:
+            raise RuntimeError(f"internal error: {sp.name}: wrote {sink.written} bytes, planned {sp.out_size}")
+        final = dst / sp.name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        ok = True
+        return sha, src_sha
+    finally:
+        reader.close()
+        if not ok:
+            sink.abort()
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _stream_copy(reader: SeqReader, sink: Sink, pool: BufferPool, nbytes: int, stop: threading.Event, progress: Progress) -> None:
+    left = nbytes
+    while left:
+        buf = pool.get(stop)
+        n = min(left, CHUNK)
+        reader.read_into(memoryview(buf)[:n])
+        sink.submit(buf, n)
+        progress(n)
+        left -= n
+
+
+def _drain(reader: SeqReader, pool: BufferPool, nbytes: int, stop: threading.Event, progress: Progress) -> None:
+    left = nbytes
+    buf = pool.get(stop)
+    try:
+        while left:
+            n = min(left, CHUNK)
+            reader.read_into(memoryview(buf)[:n])
+            progress(n)
+            left -= n
+    finally:
+        pool.put(buf)
+
+
+def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: BufferPool, stop: threading.Event, progress: Progress) -> None:
+    t = op.src
+    if op.op is Op.COPY:
+        if op.module is not None and t.name.endswith(".g_idx"):
+            data = reader.read(t.nbytes)
+            check_g_idx(plan, op, np.frombuffer(data, dtype=NUMPY_DTYPES[t.dtype]))
+            sink.write(bytes(data))
+            progress(t.nbytes)
+            return
+        _stream_copy(reader, sink, pool, t.nbytes, stop, progress)
+    elif op.op is Op.DROP:
+        if t.name.endswith(".qzeros"):
+            data = reader.read(t.nbytes)
+            check_sym_zeros(plan, op.module, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
+            progress(t.nbytes)
+        else:
+            _drain(reader, pool, t.nbytes, stop, progress)
+    elif op.op is Op.ZEROS:
+        m = op.module
+        data = reader.read(t.nbytes)
+        check_sym_zeros(plan, m, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
+        sink.write(codec.sym_qzeros(t.shape[0], m.n, 4))
+        progress(t.nbytes)
+    elif op.op is Op.TRANSCODE:
+        m = op.module
+        row_bytes = m.n * 4
+        rows = _rows_per_chunk(row_bytes, codec.words_per_block(m.bits))
+        left = t.shape[0]
+        while left:
+            r = min(rows, left)
+            inbuf = pool.get(stop)
+            try:
+                chunk = reader.read_into(memoryview(inbuf)[: r * row_bytes])
+                words = np.frombuffer(chunk, dtype=np.int32).reshape(r, m.n)
+                outbuf = pool.get(stop)
+                res = codec.transcode_to4(words, m.bits, out=outbuf)
+            finally:
+                pool.put(inbuf)
+            if np.shares_memory(res, outbuf):
+                sink.submit(outbuf, res.nbytes)
+            else:
+                pool.put(outbuf)
+                sink.write(res)
+            progress(r * row_bytes)
+            left -= r
+    elif op.op is Op.DEQUANT:
+        m = op.module
+        qweight = np.frombuffer(reader.read(t.nbytes), dtype=np.int32).reshape(t.shape)
+        progress(t.nbytes)
+        zeros = _read_tensor(plan, m.qzeros)
+        check_sym_zeros(plan, m, zeros)
+        if m.g_idx is not None:
+            check_g_idx(plan, TensorOp(Op.COPY, m.g_idx.info, m), _read_tensor(plan, m.g_idx))
+        scales = to_float32(_read_tensor(plan, m.scales), m.scales.info.dtype)
+        for block in dequant_blocks(qweight, scales, m.bits, m.group_size):
+            sink.write(block)
+    else:  # pragma: no cover
+        raise AssertionError(op.op)
+
+
+def dequant_blocks(qweight: np.ndarray, scales: np.ndarray, bits: int, group: int):
+    """Yield the float32 weight ``[N, K]`` in row blocks: ``scales[k//g, n] * (q[k, n] - 2**(bits-1))``."""
+    n = qweight.shape[1]
+    k = scales.shape[0] * group
+    cols = max(32, (CHUNK // (k * 4)) // 32 * 32)
+    groups = np.arange(k) // group
+    for c0 in range(0, n, cols):
+        q = codec.decode(np.ascontiguousarray(qweight[:, c0 : c0 + cols]), bits)
+        w = (q.astype(np.int16) - (1 << (bits - 1))).astype(np.float32) * scales[groups, c0 : c0 + cols]
+        yield np.ascontiguousarray(w.T)
+
+
+def _read_tensor(plan: Plan, loc) -> np.ndarray:
+    path = plan.ckpt.root / loc.shard
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_array(fd, plan.ckpt.shards[loc.shard], loc.info)
+    finally:
+        os.close(fd)
+
+
+def check_sym_zeros(plan: Plan, m, zeros: np.ndarray) -> None:
+    want = codec.sym_qzeros(zeros.shape[0], m.n, m.bits)
+    if zeros.shape != want.shape or not np.array_equal(zeros.view(np.uint32), want.view(np.uint32)):
+        codes = codec.unpack(zeros, m.bits, axis=1).astype(int) + 1
+        raise FormatError(
+            f"{plan.ckpt.root / m.qzeros.shard}: tensor {m.qzeros.info.name}: zero points are asymmetric "
+            f"(found {sorted(set(np.unique(codes).tolist()))[:6]}, symmetric is {1 << (m.bits - 1)}); "
+            "vLLM's Marlin kernels serve only symmetric 4/8-bit weights, so the 4-bit output would not load"
+        )
+
+
+def check_g_idx(plan: Plan, op: TensorOp, g: np.ndarray) -> None:
+    m = op.module
+    want = np.arange(m.k) // m.group_size
+    if g.shape != want.shape or not np.array_equal(g.astype(np.int64), want):
+        raise FormatError(
+            f"{plan.ckpt.root / m.g_idx.shard}: tensor {op.src.name}: g_idx is not arange(K)//group_size "
+            "(act-order / desc_act): Marlin rejects act-order with groups, so this is not supported"
+        )
