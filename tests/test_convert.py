@@ -1,0 +1,223 @@
+"""End-to-end convert + verify on generated checkpoints, judged by the independent decoder in helpers."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from repack import synth
+from repack.convert import convert
+from repack.plan import Options
+from repack.verify import verify
+from tests.helpers import decode_bigint, floats, read_dir
+
+
+def _width(h: dict, prefix: str) -> int:
+    return 32 * h[prefix + ".qzeros"]["shape"][1] // h[prefix + ".scales"]["shape"][1]
+
+
+@pytest.fixture(scope="module")
+def converted(traps_ckpt, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("out") / "w4"
+    convert(traps_ckpt, dst, Options(), workers=2)
+    return traps_ckpt, dst
+
+
+def test_every_tensor_is_lossless(converted):
+    src, dst = converted
+    sh, sraw = read_dir(src)
+    dh, draw = read_dir(dst)
+    prefixes = {k.rsplit(".", 1)[0] for k in sh if k.endswith(".qweight")}
+    seen_widths = set()
+    for p in prefixes:
+        b = _width(sh, p)
+        seen_widths.add(b)
+        if p.endswith("kv_b_proj"):
+            assert p + ".qweight" not in dh and dh[p + ".weight"]["dtype"] == "F32"
+            q = decode_bigint(sraw[p + ".qweight"], sh[p + ".qweight"]["shape"], b)
+            s = floats(sraw[p + ".scales"], sh[p + ".scales"]["dtype"]).reshape(sh[p + ".scales"]["shape"])
+            g = q.shape[0] // s.shape[0]
+            ref = (q - (1 << (b - 1))) * s[np.arange(q.shape[0]) // g]
+            got = np.frombuffer(draw[p + ".weight"], "<f4").reshape(dh[p + ".weight"]["shape"])
+            assert np.array_equal(got.astype(np.float64), ref.T), p
+            continue
+        if b in (2, 3):
+            q = decode_bigint(sraw[p + ".qweight"], sh[p + ".qweight"]["shape"], b)
+            q4 = decode_bigint(draw[p + ".qweight"], dh[p + ".qweight"]["shape"], 4)
+            assert np.array_equal(q4, q + 8 - (1 << (b - 1))), p
+            assert set(np.frombuffer(draw[p + ".qzeros"], "<u4").tolist()) == {0x77777777}, p
+            assert dh[p + ".qzeros"]["shape"] == [sh[p + ".scales"]["shape"][0], sh[p + ".scales"]["shape"][1] // 8]
+            assert draw[p + ".scales"] == sraw[p + ".scales"], p
+        else:
+            for part in ("qweight", "qzeros", "scales"):
+                assert draw[f"{p}.{part}"] == sraw[f"{p}.{part}"], p
+    assert seen_widths == {2, 3, 4, 8}
+    converted_names = {p + s for p in prefixes for s in (".qweight", ".qzeros", ".scales", ".g_idx")}
+    for name in sh:
+        if name not in converted_names:
+            assert draw[name] == sraw[name], name
+            assert dh[name]["dtype"] == sh[name]["dtype"] and dh[name]["shape"] == sh[name]["shape"]
+
+
+def test_shard_placement_index_and_configs(converted):
+    src, dst = converted
+    s_index = json.loads((src / "model.safetensors.index.json").read_text())
+    d_index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert sorted(set(s_index["weight_map"].values())) == sorted(set(d_index["weight_map"].values()))
+    for name, shard in d_index["weight_map"].items():
+        src_name = name if name in s_index["weight_map"] else name.replace(".weight", ".qweight")
+        assert s_index["weight_map"][src_name] == shard, name
+    _, draw = read_dir(dst)
+    assert d_index["metadata"]["total_size"] == sum(len(v) for v in draw.values())
+    s_cfg = json.loads((src / "config.json").read_text())
+    d_cfg = json.loads((dst / "config.json").read_text())
+    assert {k: v for k, v in s_cfg.items() if k != "quantization_config"} == {k: v for k, v in d_cfg.items() if k != "quantization_config"}
+    qc, sqc = d_cfg["quantization_config"], s_cfg["quantization_config"]
+    assert qc["bits"] == 4 and sqc["bits"] == 3
+    assert {k: v for k, v in qc.items() if k not in ("bits", "extra_config")} == {k: v for k, v in sqc.items() if k not in ("bits", "extra_config")}
+    assert qc["extra_config"]["model.layers.1.mlp.gate"] == {"bits": 16, "data_type": "float"}
+    assert qc["extra_config"][".*kv_b_proj.*"] == {"bits": 16, "data_type": "float"}
+    assert qc["extra_config"]["model.layers.0.mlp.down_proj"] == {"bits": 8}
+    assert json.loads((dst / "quantization_config.json").read_text()) == qc
+    for rel in ("generation_config.json", "tokenizer_config.json", "extra/notes.txt", "README.md"):
+        assert (dst / rel).read_bytes() == (src / rel).read_bytes()
+
+
+def test_safetensors_library_reads_output(converted):
+    _, dst = converted
+    for shard in dst.glob("*.safetensors"):
+        with safe_open(str(shard), framework="numpy") as f:
+            names = list(f.keys())
+            assert f.metadata() == {"format": "pt"}
+            for n in names:
+                if n.endswith(".qweight"):
+                    arr = f.get_tensor(n)
+                    assert arr.dtype == np.int32
+    assert names
+
+
+def test_manifest_hashes_and_counts(converted):
+    src, dst = converted
+    m = json.loads((dst / "w3repack.json").read_text())
+    assert m["complete"] is True and m["tool"] == "w3repack"
+    for f in m["source"]["files"]:
+        assert hashlib.sha256((src / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+        assert (src / f["name"]).stat().st_size == f["size"]
+    for f in m["output_shards"]:
+        assert hashlib.sha256((dst / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+    assert m["counts"]["2-bit -> 4-bit"] == 1 and m["counts"]["8-bit passthrough"] == 1
+    assert m["counts"]["dequantized to float32"] == 3
+    assert not (dst / ".w3repack").exists()
+
+
+def test_verify_passes_then_catches_each_flipped_bit(converted, tmp_path):
+    src, dst = converted
+    assert verify(src, dst).ok
+    shards = sorted(dst.glob("*.safetensors"))
+    targets = []
+    from tests.helpers import read_raw
+    import struct
+    for shard in shards:
+        hdr, _ = read_raw(shard)
+        (n,) = struct.unpack("<Q", shard.read_bytes()[:8])
+        for name, e in hdr.items():
+            kind = name.rsplit(".", 1)[1]
+            if kind in ("qweight", "qzeros", "scales", "weight") and e["data_offsets"][1] > e["data_offsets"][0]:
+                targets.append((shard.name, name, 8 + n + (e["data_offsets"][0] + e["data_offsets"][1]) // 2))
+        targets.append((shard.name, None, 20))
+    rng = np.random.default_rng(0)
+    picks = [targets[i] for i in rng.choice(len(targets), size=12, replace=False)]
+    for kind in ("qweight", "qzeros", "kv_b_proj.weight", "lm_head"):
+        picks += [t for t in targets if t[1] and kind in t[1]][:1]
+    for shard_name, tensor, offset in picks:
+        copy = tmp_path / f"flip{offset}{shard_name}"
+        shutil.copytree(dst, copy)
+        p = copy / shard_name
+        data = bytearray(p.read_bytes())
+        data[offset] ^= 0x01
+        p.write_bytes(data)
+        rep = verify(src, copy)
+        assert not rep.ok, (shard_name, tensor)
+        if tensor is not None:
+            assert rep.differences[0].tensor == tensor and rep.differences[0].offset == offset
+        shutil.rmtree(copy)
+
+
+def test_verify_catches_config_and_missing_files(converted, tmp_path):
+    src, dst = converted
+    copy = tmp_path / "c"
+    shutil.copytree(dst, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (copy / "config.json").write_text(json.dumps(cfg))
+    (copy / "extra" / "notes.txt").write_text("changed")
+    rep = verify(src, copy)
+    lines = [d.line() for d in rep.differences]
+    assert not rep.ok and any("quantization_config.bits" in line for line in lines)
+    assert any("notes.txt" in line for line in lines)
+    os.remove(copy / "w3repack.json")
+    assert not verify(src, copy).ok
+
+
+def test_single_file_and_symlinked_shards(tmp_path):
+    single = synth.write_checkpoint(tmp_path / "single", synth.TinySpec.small(), single_file=True)
+    convert(single, tmp_path / "single4", Options())
+    assert (tmp_path / "single4" / "model.safetensors").exists()
+    assert not (tmp_path / "single4" / "model.safetensors.index.json").exists()
+    assert verify(single, tmp_path / "single4").ok
+
+    real = synth.write_checkpoint(tmp_path / "blobs", synth.TinySpec.small(seed=3))
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    for f in real.iterdir():
+        (snap / f.name).symlink_to(f)
+    convert(snap, tmp_path / "snap4", Options())
+    assert all(not p.is_symlink() for p in (tmp_path / "snap4").iterdir())
+    assert verify(snap, tmp_path / "snap4").ok
+
+
+def test_gptq_style_config(traps_ckpt, tmp_path):
+    convert(traps_ckpt, tmp_path / "g", Options(quant_method="gptq"))
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["sym"] is True
+    assert qc["desc_act"] is False and qc["checkpoint_format"] == "gptq" and qc["group_size"] == 128
+    assert "-:.*kv_b_proj.*" in qc["dynamic"]
+    assert any(k.startswith("-:") and "mlp\\.gate" in k for k in qc["dynamic"])
+    assert qc["dynamic"]["+:model\\.layers\\.0\\.mlp\\.down_proj$"] == {"bits": 8}
+    assert verify(traps_ckpt, tmp_path / "g").ok
+
+
+def test_kv_b_fix_can_be_switched_off(traps_ckpt, tmp_path):
+    convert(traps_ckpt, tmp_path / "q", Options(kv_b_float=False))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert ".*kv_b_proj.*" not in cfg["extra_config"]
+    _, draw = read_dir(tmp_path / "q")
+    assert "model.layers.0.self_attn.kv_b_proj.qweight" in draw
+    assert json.loads((tmp_path / "q" / "w3repack.json").read_text())["options"]["kv_b_float"] is False
+    assert verify(traps_ckpt, tmp_path / "q").ok
+
+
+def test_v32_indexer_modules_become_float(tmp_path):
+    src = synth.write_checkpoint(tmp_path / "v32", synth.TinySpec.small(v32=True))
+    convert(src, tmp_path / "v32w4", Options())
+    dh, _ = read_dir(tmp_path / "v32w4")
+    assert dh["model.layers.0.self_attn.indexer.wk.weight"]["dtype"] == "F32"
+    assert dh["model.layers.0.self_attn.indexer.weights_proj.weight"]["dtype"] == "F32"
+    assert dh["model.layers.0.self_attn.indexer.wq_b.qweight"]["dtype"] == "I32"
+    assert verify(src, tmp_path / "v32w4").ok
+
+
+def test_source_is_untouched(src_copy, tmp_path):
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src_copy.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    convert(src_copy, tmp_path / "o", Options())
+    verify(src_copy, tmp_path / "o")
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src_copy.rglob("*") if p.is_file()}
+    assert before == after and mtimes == {p: p.stat().st_mtime_ns for p in before}
