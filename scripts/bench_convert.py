@@ -3,7 +3,7 @@
 
 Generates DeepSeek-shaped 3-bit checkpoints (hidden 7168, expert intermediate 2048, random words are
 valid 3-bit codes, bf16 float tensors) of the given sizes, then times, per size:
-``cp -r SRC``, ``w3repack convert``, ``w3repack verify`` and reading both trees (``cat > /dev/null``),
+``cp -r SRC && sync`` (convert fsyncs its output, so the copy is made durable too), ``w3repack convert``, ``w3repack verify`` and reading both trees (``cat > /dev/null``),
 dropping the page cache before each step when permitted (root), and reports MB/s of source bytes,
 ratios, and the peak resident memory of each process (``wait4`` rusage).
 
@@ -124,7 +124,7 @@ def main() -> None:
         nbytes = generate(src, gb, args.shard_mb << 20)
         out_bytes = None
         r = {"size_gb": gb, "source_bytes": nbytes}
-        r["cp_s"], r["cp_rss"] = timed(["cp", "-r", str(src), str(cpd)], cold)
+        r["cp_s"], r["cp_rss"] = timed(["sh", "-c", f"cp -r {src} {cpd} && sync"], cold)
         shutil.rmtree(cpd)
         r["convert_s"], r["convert_rss"] = timed(w3 + ["convert", str(src), str(dst), "--workers", str(args.workers)], cold)
         out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
