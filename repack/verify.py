@@ -91,7 +91,6 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     diffs = _check_metadata(plan, dst, manifest)
     counts: dict[str, int] = {}
     lock = threading.Lock()
-    src_sha: dict[str, str] = {}
     dst_sha: dict[str, str] = {}
     shard_diffs: dict[str, Difference] = {}
     shards = [s for s in plan.shards if (dst / s.name).is_file()]
@@ -99,8 +98,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     def job(sp: ShardPlan) -> None:
         local: dict[str, int] = {}
         try:
-            s_sha, d_sha = _verify_shard(plan, sp, dst, local, progress)
-            src_sha[sp.name], dst_sha[sp.name] = s_sha, d_sha
+            dst_sha[sp.name] = _verify_shard(plan, sp, dst, local, progress)
         except _Found as f:
             shard_diffs[sp.name] = f.diff
         with lock:
@@ -118,8 +116,8 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     for sp in plan.shards:
         if sp.name in dst_sha and man_out.get(sp.name, {}).get("sha256") != dst_sha[sp.name]:
             diffs.append(Difference(str(mpath), None, None, f"sha256 recorded for {sp.name} does not match the file"))
-        if sp.name in src_sha and man_src.get(sp.name, {}).get("sha256") != src_sha[sp.name]:
-            diffs.append(Difference(str(mpath), None, None, f"source {sp.name} changed since conversion (sha256 differs)"))
+        if man_src.get(sp.name, {}).get("size") != sp.src_size:
+            diffs.append(Difference(str(mpath), None, None, f"source {sp.name} has changed size since conversion"))
     return Report(
         not diffs, diffs, dict(sorted(counts.items())), plan.src_shard_bytes, plan.out_shard_bytes, time.monotonic() - t0
     )
@@ -187,7 +185,8 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(idx[0]) if idx.size else n
 
 
-def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress) -> tuple[str, str]:
+def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress) -> str:
+    """Compare one output shard with its source; returns the output's sha256."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
@@ -201,7 +200,7 @@ def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: 
             if t is None or t.dtype != dt or t.shape != shape:
                 raise _Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
         raise _Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr, dr = SeqReader(plan.ckpt.root / sp.name), SeqReader(dpath)
+    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath)
     sbuf = np.empty(CHUNK, dtype=np.uint8)
     dbuf = np.empty(CHUNK + CHUNK // 3 + 64, dtype=np.uint8)
     try:
@@ -215,7 +214,7 @@ def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: 
             _verify_op(plan, sp, op, sr, dr, sbuf, dbuf, dname)
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
             progress(op.src.nbytes)
-        return sr.hexdigest(), dr.hexdigest()
+        return dr.hexdigest()
     finally:
         sr.close()
         dr.close()
