@@ -103,7 +103,7 @@ def convert(
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
     kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
     indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Parallel shards (default: CPU cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Shards in flight (default: 2 per CPU core, at most 32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:

@@ -44,7 +44,9 @@ class Result:
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    """Two shards in flight per core (one thread computes while the other waits on I/O), at most 32."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(32, 2 * cores))
 
 
 def check_paths(src: Path, dst: Path) -> None:

@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="GB of source shards")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/w3repack-bench"))
     ap.add_argument("--shard-mb", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1))
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
