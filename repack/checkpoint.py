@@ -216,48 +216,54 @@ def _collect_modules(root: Path, qc: dict, shards: dict[str, Header], tensor_sha
             groups.setdefault(prefix, {})[part] = Loc(s, shards[s].tensors[t])
     modules = {}
     for prefix, parts in groups.items():
-        where = f"{root}: module {prefix}"
         for need in ("qweight", "qzeros", "scales"):
             if need not in parts:
                 have = ", ".join(sorted(parts))
-                raise FormatError(f"{where}: has {have} but no {need}")
+                first = parts[sorted(parts)[0]].shard
+                raise FormatError(f"{root / first}: module {prefix}: has {have} but no {need} (no shard holds {prefix}.{need})")
         bias_name = prefix + ".bias"
         bias = Loc(tensor_shard[bias_name], shards[tensor_shard[bias_name]].tensors[bias_name]) if bias_name in tensor_shard else None
-        modules[prefix] = _module(where, prefix, parts, bias, qc)
+        modules[prefix] = _module(root, prefix, parts, bias, qc)
     return modules
 
 
-def _module(where: str, prefix: str, parts: dict[str, Loc], bias: Loc | None, qc: dict) -> QuantModule:
+def _module(root: Path, prefix: str, parts: dict[str, Loc], bias: Loc | None, qc: dict) -> QuantModule:
+    def at(part: str) -> str:
+        return f"{root / parts[part].shard}: tensor {parts[part].info.name}"
+
     qw, qz, sc = parts["qweight"].info, parts["qzeros"].info, parts["scales"].info
     gi = parts["g_idx"].info if "g_idx" in parts else None
-    for t, ok in ((qw, ("I32",)), (qz, ("I32",)), (sc, FLOAT_DTYPES), (gi, ("I32", "I64"))):
+    for part, t, ok in (("qweight", qw, ("I32",)), ("qzeros", qz, ("I32",)), ("scales", sc, FLOAT_DTYPES), ("g_idx", gi, ("I32", "I64"))):
         if t is not None and t.dtype not in ok:
-            raise FormatError(f"{where}: {t.name} has dtype {t.dtype}, expected {' or '.join(ok)}")
-    for t in (qw, qz, sc):
+            raise FormatError(f"{at(part)}: dtype {t.dtype}, expected {' or '.join(ok)}")
+    for part, t in (("qweight", qw), ("qzeros", qz), ("scales", sc)):
         if len(t.shape) != 2:
-            raise FormatError(f"{where}: {t.name} has shape {list(t.shape)}, expected 2 dimensions")
+            raise FormatError(f"{at(part)}: shape {list(t.shape)}, expected 2 dimensions")
     n = sc.shape[1]
     if qw.shape[1] != n:
-        raise FormatError(f"{where}: qweight has {qw.shape[1]} columns but scales has {n}")
+        raise FormatError(f"{at('scales')}: scales has {n} columns but qweight {list(qw.shape)} has {qw.shape[1]}")
     if n == 0 or (32 * qz.shape[1]) % n:
-        raise FormatError(f"{where}: qzeros {list(qz.shape)} and scales {list(sc.shape)} imply no whole bit width")
+        raise FormatError(f"{at('qzeros')}: qzeros {list(qz.shape)} and scales {list(sc.shape)} imply no whole bit width")
     bits = 32 * qz.shape[1] // n
     if bits not in codec.SUPPORTED_BITS:
-        raise FormatError(f"{where}: {bits}-bit weights are not supported (only 2, 3, 4 and 8)")
+        raise FormatError(
+            f"{at('qzeros')}: qzeros {list(qz.shape)} and scales {list(sc.shape)} give {bits}-bit weights: "
+            "not supported (only 2, 3, 4 and 8)"
+        )
     if qz.shape[0] != sc.shape[0]:
-        raise FormatError(f"{where}: qzeros has {qz.shape[0]} groups but scales has {sc.shape[0]}")
+        raise FormatError(f"{at('qzeros')}: qzeros has {qz.shape[0]} groups but scales has {sc.shape[0]}")
     if bits == 3 and (qw.shape[0] % 3 or n % 32):
-        raise FormatError(f"{where}: 3-bit qweight {list(qw.shape)} is not made of whole 3-word blocks (N must divide by 32)")
+        raise FormatError(f"{at('qweight')}: 3-bit qweight {list(qw.shape)} is not made of whole 3-word blocks (N must divide by 32)")
     k = qw.shape[0] * 32 // bits
     groups = sc.shape[0]
     if groups == 0 or k % groups:
-        raise FormatError(f"{where}: K={k} (from qweight) does not split into {groups} groups")
+        raise FormatError(f"{at('scales')}: K={k} (from qweight {list(qw.shape)}) does not split into {groups} groups")
     group = k // groups
     if gi is not None and gi.shape != (k,):
-        raise FormatError(f"{where}: g_idx shape {list(gi.shape)} does not match K={k}")
+        raise FormatError(f"{at('g_idx')}: g_idx shape {list(gi.shape)} does not match K={k}")
     want = module_override(qc, prefix).get("group_size", qc.get("group_size"))
     if isinstance(want, int) and want not in (-1, 0) and want != group:
-        raise FormatError(f"{where}: shapes give group size {group} but the config says {want}")
+        raise FormatError(f"{at('scales')}: shapes give group size {group} (K={k}, {groups} groups) but the config says {want}")
     if isinstance(want, int) and want == -1 and groups != 1:
-        raise FormatError(f"{where}: config group_size -1 but scales has {groups} groups")
+        raise FormatError(f"{at('scales')}: config group_size -1 but scales has {groups} groups")
     return QuantModule(prefix, bits, group, k, n, parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), bias)

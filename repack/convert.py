@@ -279,9 +279,12 @@ def _drain(reader: SeqReader, pool: BufferPool, nbytes: int, stop: threading.Eve
 def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: BufferPool, stop: threading.Event, progress: Progress) -> None:
     t = op.src
     if op.op is Op.COPY:
-        if op.module is not None and t.name.endswith(".g_idx"):
+        if op.module is not None and t.name.endswith((".g_idx", ".qzeros")):
             data = reader.read(t.nbytes)
-            check_g_idx(plan, op, np.frombuffer(data, dtype=NUMPY_DTYPES[t.dtype]))
+            if t.name.endswith(".g_idx"):
+                check_g_idx(plan, op, np.frombuffer(data, dtype=NUMPY_DTYPES[t.dtype]))
+            else:
+                check_sym_zeros(plan, op.module, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
             sink.write(bytes(data))
             progress(t.nbytes)
             return
