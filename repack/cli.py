@@ -234,8 +234,9 @@ def _flip_check(src: Path, dst: Path) -> str | None:
 
 def main() -> None:
     """Entry point: run the app; map exceptions to one-line messages and exit codes."""
+    interrupted = "interrupted: nothing half-written was kept; run the same command again to resume"
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
     except Mismatch as e:
         if _debug["on"]:
             raise
@@ -247,7 +248,7 @@ def main() -> None:
         ui.err.print(f"error: {e}", markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        ui.err.print("interrupted: nothing half-written was kept; run the same command again to resume", markup=False)
+        ui.err.print(interrupted, markup=False)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -266,4 +267,8 @@ def main() -> None:
             raise
         ui.err.print(f"error: {type(e).__name__}: {e} (run with --debug for a traceback)", markup=False)
         sys.exit(2)
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer returns Exit codes; Ctrl-C comes back as 130
+        if rv == 130:
+            ui.err.print(interrupted, markup=False)
+        sys.exit(rv)
     sys.exit(0)

@@ -8,6 +8,7 @@ fingerprint and the sha256 of every finished shard. The configs, index and manif
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -78,6 +79,9 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
         return {}
     fp = plan.fingerprint()
     state = load_state(dst)
+    if state is None and [c.name for c in dst.iterdir()] == [STATE_DIR]:
+        shutil.rmtree(dst / STATE_DIR)
+        return {}
     same = state is not None and state.get("fingerprint") == fp
     if not same:
         if not overwrite:
@@ -89,10 +93,19 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
             else:
                 child.unlink()
         return {}
-    finished = state.get("finished") or {s["name"]: s for s in state.get("output_shards", [])}
+    finished = state.get("finished")
+    if not finished:  # a finished output: its manifest lists output and source hashes separately
+        files = (state.get("source") or {}).get("files") or []
+        src_sha = {f.get("name"): f.get("sha256", "") for f in files if isinstance(f, dict)}
+        finished = {
+            s.get("name"): {**s, "source_sha256": src_sha.get(s.get("name"), "")}
+            for s in state.get("output_shards") or [] if isinstance(s, dict)
+        }
     kept = {}
     sizes = {s.name: s.out_size for s in plan.shards}
-    for name, rec in finished.items():
+    for name, rec in (finished.items() if isinstance(finished, dict) else ()):
+        if not isinstance(rec, dict):
+            continue
         p = dst / name
         if name in sizes and p.is_file() and p.stat().st_size == sizes[name] and sha256_file(p) == rec.get("sha256"):
             kept[name] = {"sha256": rec["sha256"], "source_sha256": rec.get("source_sha256", "")}
@@ -137,6 +150,18 @@ def convert(
     stop: threading.Event | None = None,
     plan: Plan | None = None,
 ) -> Result:
+    try:
+        return _convert(src, dst, options, workers, overwrite, progress, stop, plan)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"{dst}: no space left on the device ({e.strerror}); finished shards are kept: "
+                "free some space and run the same command again to resume"
+            ) from e
+        raise UserError(f"{e.filename or dst}: {e.strerror or e}") from e
+
+
+def _convert(src, dst, options, workers, overwrite, progress, stop, plan) -> Result:
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     if plan is None:
