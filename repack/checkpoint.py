@@ -196,6 +196,8 @@ def _read_index(root: Path) -> tuple[dict | None, list[str]]:
     index = load_json(ipath, "index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise FormatError(f"{ipath}: no weight_map object")
+    if not isinstance(index.get("metadata", {}), (dict, type(None))):
+        raise FormatError(f"{ipath}: metadata is {type(index['metadata']).__name__}, not an object")
     files: list[str] = []
     for t, s in index["weight_map"].items():
         if not isinstance(s, str) or not s or s.startswith("/") or ".." in Path(s).parts:

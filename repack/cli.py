@@ -245,7 +245,8 @@ def main() -> None:
     except UserError as e:
         if _debug["on"]:
             raise
-        ui.err.print(f"error: {e}", markup=False)
+        msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(e))
+        ui.err.print(f"error: {msg}", markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         ui.err.print(interrupted, markup=False)
