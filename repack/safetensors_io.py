@@ -108,7 +108,7 @@ def _parse_entry(path: Path, name: str, spec: object, data_size: int) -> TensorI
     if not isinstance(spec, dict):
         raise FormatError(f"{path}: tensor {name}: entry is not an object")
     dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise FormatError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise FormatError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")

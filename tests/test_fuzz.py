@@ -155,7 +155,7 @@ def check_outcome(src: Path, dst: Path) -> str:
 
 
 FUZZ = settings(
-    max_examples=40, deadline=None, derandomize=True,
+    max_examples=60, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 

@@ -214,6 +214,13 @@ def m_unknown_dtype(root):
     return [p.name, t, "dtype"]
 
 
+def m_dtype_not_string(root):
+    t = "model.norm.weight"
+    p = shard_of(root, t)
+    edit_header(p, lambda h: h[t].update(dtype={"F16": 2}))
+    return [p.name, t, "unknown dtype"]
+
+
 def _retype(tensor, dtype):
     def m(root):
         p = shard_of(root, tensor)
@@ -451,6 +458,7 @@ CASES = {
     "trailing-bytes": m_trailing_bytes,
     "shape-disagrees-with-offsets": m_size_mismatch,
     "unknown-dtype": m_unknown_dtype,
+    "dtype-not-a-string": m_dtype_not_string,
     "qweight-dtype-f32": _retype(MOE + ".qweight", "F32"),
     "qzeros-dtype-f32": _retype(MOE + ".qzeros", "F32"),
     "qzeros-dtype-u32": _retype(DENSE + ".qzeros", "U32"),
