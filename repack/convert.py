@@ -149,9 +149,12 @@ def convert(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     plan: Plan | None = None,
+    before_shard: Callable[[ShardPlan], None] | None = None,
+    after_shard: Callable[[ShardPlan], None] | None = None,
 ) -> Result:
+    """``before_shard(sp)`` runs in the worker before shard ``sp`` is read; ``after_shard(sp)`` once it is recorded finished."""
     try:
-        return _convert(src, dst, options, workers, overwrite, progress, stop, plan)
+        return _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard, after_shard)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(
@@ -161,7 +164,7 @@ def convert(
         raise UserError(f"{e.filename or dst}: {e.strerror or e}") from e
 
 
-def _convert(src, dst, options, workers, overwrite, progress, stop, plan) -> Result:
+def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard=None, after_shard=None) -> Result:
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     if plan is None:
@@ -182,9 +185,13 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan) -> Res
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 
     def job(sp: ShardPlan) -> None:
+        if before_shard is not None:
+            before_shard(sp)
         sha, src_sha = convert_shard(plan, sp, dst, pool_bufs, stop, progress)
         state.done(sp.name, sha, src_sha)
         result.shards_written.append(sp.name)
+        if after_shard is not None:
+            after_shard(sp)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w3repack") as ex:
         futures = [ex.submit(job, sp) for sp in sorted(todo, key=lambda s: -s.src_size)]
