@@ -106,13 +106,58 @@ def convert(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Shards in flight (default: 2 per CPU core, at most 32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub source: branch, tag or commit (same as SRC@REVISION)."),
+    delete_source_shards: bool = typer.Option(False, "--delete-source-shards", help="Hub source: delete each cached source shard once its output shard is finished (peak disk: output + one shard)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the result to this hub repo (org/name) with a generated model card."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Convert every 2/3-bit symmetric module to 4-bit GPTQ; everything else byte-identical."""
     from repack.source import convert_source
 
     options = _options(quant_method, kv_b_float, indexer_float)
-    res = convert_source(src, dst, options, workers=workers, overwrite=overwrite)
-    _convert_summary(res, json_out)
+    res = convert_source(src, dst, options, workers=workers, overwrite=overwrite,
+                         delete_source_shards=delete_source_shards, revision=revision)
+    _convert_summary(res, json_out and not push_to_hub)
+    if push_to_hub:
+        from repack import hub
+
+        report = None
+        if all((res.plan.ckpt.root / s.name).is_file() for s in res.plan.shards):
+            from repack.verify import verify as run_verify
+
+            report = run_verify(res.plan.ckpt.root, dst, workers=workers).to_json()
+            if not report.get("ok"):
+                raise Mismatch(f"{dst} does not verify against its source; not pushed")
+        _push_summary(hub.push(dst, push_to_hub, private=private, verify_report=report), json_out)
+
+
+@app.command()
+def push(
+    dst: Path = typer.Argument(..., help="A finished w3repack output folder."),
+    repo_id: str = typer.Argument(..., help="Hub repo to create or update (org/name)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the model card and the files to upload; upload nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Upload a converted checkpoint (resumable) with a generated model card."""
+    from repack import hub
+
+    _push_summary(hub.push(dst, repo_id, private=private, dry_run=dry_run), json_out)
+
+
+def _push_summary(summary: dict, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(summary)
+        return
+    o = ui.out
+    if summary["dry_run"]:
+        o.print(summary["card"], markup=False, highlight=False)
+        o.print(f"[bold]dry run[/]: would upload {len(summary['files'])} files ({ui.human(summary['bytes'])}) to {summary['repo']}"
+                + (" (private)" if summary["private"] else ""))
+        for f in summary["files"]:
+            o.print(f"  {f['path']:<48} {ui.human(f['bytes']):>10}" + ("  (generated card)" if f["generated"] else ""), markup=False)
+        return
+    o.print(f"[green]pushed[/] {len(summary['files'])} files ({ui.human(summary['bytes'])}) to {summary['repo']}: {summary.get('url', '')}")
 
 
 def _convert_summary(res, json_out: bool) -> None:

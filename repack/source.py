@@ -18,11 +18,22 @@ def resolve_local(src: str) -> Path:
     return snapshot_from_cache(src)
 
 
-def convert_source(src: str, dst: Path, options, workers=None, overwrite=False):
+def convert_source(src: str, dst: Path, options, workers=None, overwrite=False, delete_source_shards=False, revision=None):
+    """Convert a local folder, or fetch and convert ``org/name[@revision]`` shard by shard."""
     from repack.checkpoint import open_checkpoint
     from repack.convert import convert
     from repack.plan import build_plan
 
+    from repack import hub
+
+    if hub.parse_repo_id(src) is not None:
+        return hub.convert_hub(src, dst, options, workers=workers, overwrite=overwrite,
+                               delete_source_shards=delete_source_shards, revision=revision,
+                               progress=lambda total: ui.byte_progress("convert", total))
+    if delete_source_shards:
+        raise UserError("--delete-source-shards applies to hub sources only; local source files are never deleted")
+    if revision:
+        raise UserError("--revision applies to hub sources (org/name) only")
     path = resolve_local(src)
     if not path.exists():
         raise UserError(f"{src}: source not found")

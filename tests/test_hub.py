@@ -1,0 +1,277 @@
+"""Hub in, hub out, offline: a real huggingface_hub cache layout in a temporary HF_HOME, HF_HUB_OFFLINE=1.
+
+Conversions run as ``python -m repack`` subprocesses so the cache settings apply as they would for a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from repack import synth
+from repack.plan import Options
+from repack.verify import verify
+
+REPO = "acme/tiny-w3"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CARD = """---
+license: mit
+base_model: deepseek-ai/DeepSeek-V3
+tags:
+- deepseek
+- autoround
+model-index:
+- name: x
+  results: []
+---
+
+# tiny 3-bit
+"""
+
+
+def build_cache(hf_home: Path, src: Path, repo: str = REPO, commit: str = COMMIT) -> Path:
+    """Lay ``src`` out as huggingface_hub does: blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs, refs/main."""
+    base = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / commit
+    (base / "blobs").mkdir(parents=True, exist_ok=True)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    for p in sorted(src.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(src)
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        blob = base / "blobs" / sha
+        if not blob.exists():
+            shutil.copyfile(p, blob)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def env(hf_home: Path) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    e.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
+    return e
+
+
+def cli(hf_home: Path, *args, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "repack", *map(str, args)], env=env(hf_home),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def shard_names(src: Path) -> list[str]:
+    return sorted(p.name for p in src.glob("*.safetensors"))
+
+
+def shard_blobs(hf_home: Path, src: Path) -> list[Path]:
+    base = hf_home / "hub" / ("models--" + REPO.replace("/", "--")) / "blobs"
+    return [base / hashlib.sha256((src / n).read_bytes()).hexdigest() for n in shard_names(src)]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, Path]:
+    """A 10-shard 3-bit source with every trap and a card with YAML metadata, and its local conversion."""
+    base = tmp_path_factory.mktemp("hub")
+    src = synth.write_checkpoint(base / "src", synth.TinySpec(traps=True, shard_bytes=4 << 20,
+                                                              extra_files={"tokenizer_config.json": "{}\n"}))
+    (src / "README.md").write_text(CARD)
+    ref = base / "ref"
+    r = subprocess.run([sys.executable, "-m", "repack", "convert", str(src), str(ref)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(shard_names(src)) >= 8
+    return src, ref
+
+
+@pytest.fixture
+def hf_home(source, tmp_path) -> Path:
+    home = tmp_path / "hf"
+    build_cache(home, source[0])
+    return home
+
+
+def assert_same_shards(dst: Path, ref: Path) -> None:
+    for n in shard_names(ref):
+        assert (dst / n).read_bytes() == (ref / n).read_bytes(), n
+
+
+def test_parse_repo_id(tmp_path, monkeypatch):
+    from repack.hub import parse_repo_id
+
+    assert parse_repo_id("org/name") == ("org/name", None)
+    assert parse_repo_id("org/name@v1.0") == ("org/name", "v1.0")
+    assert parse_repo_id("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    assert parse_repo_id("/abs/path") is None and parse_repo_id("./rel/x") is None and parse_repo_id("a/b/c") is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    assert parse_repo_id("org/local") is None
+
+
+def test_convert_from_cache_deletes_source_shards(source, hf_home, tmp_path):
+    src, ref = source
+    blobs = shard_blobs(hf_home, src)
+    assert all(b.is_file() for b in blobs)
+    dst = tmp_path / "out"
+    r = cli(hf_home, "convert", REPO, dst, "--delete-source-shards", "--json")
+    assert r.returncode == 0, r.stderr
+    assert_same_shards(dst, ref)
+    assert not any(b.exists() for b in blobs)
+    snap = hf_home / "hub" / "models--acme--tiny-w3" / "snapshots" / COMMIT
+    assert not list(snap.glob("*.safetensors")) and (snap / "config.json").is_file()
+    man = json.loads((dst / "w3repack.json").read_text())
+    assert man["source"]["hub"] == {"repo": REPO, "revision": "main", "commit": COMMIT}
+    assert not (dst / ".w3repack").exists()
+    rep = verify(src, dst)
+    assert rep.ok, rep.differences[0].line()
+
+
+def test_revision_resolves_and_inspect_reads_cache(source, hf_home, tmp_path):
+    r = cli(hf_home, "inspect", f"{REPO}@{COMMIT}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shards"] == len(shard_names(source[0]))
+    r = cli(hf_home, "convert", f"{REPO}@nope", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "HF_HUB_OFFLINE" in r.stderr
+    r = cli(hf_home, "convert", f"{REPO}@main", tmp_path / "x", "--revision", COMMIT)
+    assert r.returncode == 2 and "contradicts" in r.stderr
+    r = cli(hf_home, "convert", source[0], tmp_path / "y", "--delete-source-shards")
+    assert r.returncode == 2 and "hub sources only" in r.stderr
+
+
+def test_sigkill_mid_run_then_resume(source, hf_home, tmp_path):
+    src, ref = source
+    dst = tmp_path / "out"
+    state = dst / ".w3repack" / "state.json"
+    cmd = [sys.executable, "-m", "repack", "convert", REPO, str(dst), "--delete-source-shards", "--workers", "1"]
+    p = subprocess.Popen(cmd, env=env(hf_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        try:
+            if len(json.loads(state.read_text())["finished"]) >= 2:
+                p.send_signal(signal.SIGKILL)
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.0005)
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGKILL, "finished before it could be killed"
+    assert not (dst / "w3repack.json").exists()
+    gone = [b for b in shard_blobs(hf_home, src) if not b.exists()]
+    assert 1 <= len(gone) < len(shard_names(src))
+    assert (dst / ".w3repack" / "hub-headers").is_dir()
+
+    r = cli(hf_home, "convert", REPO, dst, "--delete-source-shards", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["shards_kept"] >= 1 and out["shards_written"] + out["shards_kept"] == out["shards"]
+    assert_same_shards(dst, ref)
+    assert not any(b.exists() for b in shard_blobs(hf_home, src))
+    rep = verify(src, dst)
+    assert rep.ok, rep.differences[0].line()
+
+    r = cli(hf_home, "convert", REPO, dst, "--delete-source-shards")
+    assert r.returncode == 2 and "already a finished conversion" in r.stderr
+
+
+def test_missing_shard_offline_is_refused_before_any_work(source, hf_home, tmp_path):
+    src = source[0]
+    snap = hf_home / "hub" / "models--acme--tiny-w3" / "snapshots" / COMMIT
+    victim = shard_names(src)[-1]
+    (snap / victim).unlink()
+    dst = tmp_path / "out"
+    r = cli(hf_home, "convert", REPO, dst)
+    assert r.returncode == 2, r.stderr
+    assert victim in r.stderr and "HF_HUB_OFFLINE" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not dst.exists()
+
+
+def test_space_check_counts_output_and_shards_to_fetch(source, hf_home, tmp_path, monkeypatch):
+    import repack.hub as hub
+    from repack.errors import UserError
+
+    src = source[0]
+    snap = hf_home / "hub" / "models--acme--tiny-w3" / "snapshots" / COMMIT
+    for n in shard_names(src):
+        (snap / n).unlink()
+    monkeypatch.setattr(hub, "_offline", lambda: True)
+    hdr_dir = tmp_path / "out" / ".w3repack" / "hub-headers"
+    hdr_dir.mkdir(parents=True)
+    for n in shard_names(src):
+        (hdr_dir / n).write_bytes(hub._read_prefix(src / n))
+    hs = hub.HubSource(REPO, None, COMMIT, snap, json.loads((snap / "model.safetensors.index.json").read_text()),
+                       shard_names(src))
+    plan = hub.hub_plan(hs, tmp_path / "out", Options())
+    assert [s.src_size for s in plan.shards] == [(src / n).stat().st_size for n in shard_names(src)]
+    assert plan.fingerprint()["source_hub"] == {"repo": REPO, "commit": COMMIT}
+    biggest = max(s.src_size for s in plan.shards)
+    free = plan.out_total_bytes() + biggest + 1
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free * 10, free * 9, free))
+    hub.check_hub_space(plan, hs, tmp_path / "out", delete=True, workers=1)
+    with pytest.raises(UserError, match="delete-source-shards"):
+        hub.check_hub_space(plan, hs, tmp_path / "out", delete=False, workers=1)
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("hfhome")
+    build_cache(home, source[0])
+    dst = tmp_path_factory.mktemp("pushsrc") / "out"
+    r = cli(home, "convert", REPO, dst)
+    assert r.returncode == 0, r.stderr
+    return dst
+
+
+def test_push_dry_run_card_and_operations(converted, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in converted.rglob("*")}
+    r = cli(tmp_path / "hf", "push", converted, "me/tiny-w4", "--private", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["dry_run"] and out["private"] and out["repo"] == "me/tiny-w4"
+    files = {f["path"]: f for f in out["files"]}
+    for n in shard_names(converted):
+        assert files[n]["bytes"] == (converted / n).stat().st_size
+    for n in ("config.json", "model.safetensors.index.json", "w3repack.json", "tokenizer_config.json"):
+        assert n in files
+    assert files["README.md"]["generated"] and not any(p.startswith(".") for p in files)
+    assert {p: p.stat().st_mtime_ns for p in converted.rglob("*")} == before
+
+    card = out["card"]
+    head, body = card.split("---\n", 2)[1:]
+    assert "license: mit" in head and "base_model: deepseek-ai/DeepSeek-V3" in head and "model-index" not in head
+    for tag in ("deepseek", "autoround", "w3repack", "gptq", "4-bit"):
+        assert f"- {tag}\n" in head
+    assert f"[{REPO}](https://huggingface.co/{REPO})" in body and COMMIT in body
+    assert "## Memory plan" in body and "| GPUs" in body
+    assert "vllm serve me/tiny-w4 --tensor-parallel-size" in body
+    man = json.loads((converted / "w3repack.json").read_text())
+    for s in man["output_shards"]:
+        assert s["sha256"] in body
+    for f in man["source"]["files"]:
+        assert f["sha256"] in body
+    assert "`mit`" in body
+
+
+def test_card_carries_verify_summary_and_degrades_without_source_card(converted, tmp_path):
+    from repack import card
+
+    text = card.build_card(converted, "me/x", verify_report={"ok": True, "tensors_checked": {"transcoded": 7, "copied": 3}})
+    assert "**identical**, 10 tensors" in text
+    bare = tmp_path / "bare"
+    shutil.copytree(converted, bare)
+    (bare / "README.md").unlink()
+    text = card.build_card(bare, "me/x")
+    assert "base_model: acme/tiny-w3" in text and "names no license" in text and "- w3repack" in text
+
+
+def test_push_refuses_unfinished_output(source, tmp_path):
+    r = cli(tmp_path / "hf", "push", source[0], "me/x", "--dry-run")
+    assert r.returncode == 2 and "not a finished w3repack output" in r.stderr
