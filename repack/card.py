@@ -149,8 +149,8 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
             "zero point moved from 4 (2) to 8 and the scales left byte-identical, so `scale * (q4 - 8) == scale * (q3 - 4)` "
             "for every weight: the dequantized model is bit-identical to the source. Modules already at 4 or 8 bits, and "
             "every float tensor, are copied byte for byte.", "",
-            f"Quantization config: `quant_method: {qc.get('quant_method')}`, `bits: {qc.get('bits')}`, "
-            f"`group_size: {qc.get('group_size')}`, `sym: {qc.get('sym')}`.", "",
+            "Quantization config: " + ", ".join(f"`{k}: {json.dumps(qc.get(k))}`" for k in ("quant_method", "bits", "group_size", "sym"))
+            + ".", "",
             "| module class | count |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in (man.get("counts") or {}).items()]
     floats = man.get("float_modules") or []

@@ -163,7 +163,7 @@ def _push_summary(summary: dict, json_out: bool) -> None:
 def _convert_summary(res, json_out: bool) -> None:
     plan = res.plan
     summary = {
-        "source": str(plan.ckpt.root),
+        "source": f"{plan.hub['repo']}@{plan.hub['commit']}" if getattr(plan, "hub", None) else str(plan.ckpt.root),
         "output": str(res.dst),
         "shards": len(plan.shards),
         "shards_written": len(res.shards_written),

@@ -200,7 +200,7 @@ def _fetch_prefix(hs: HubSource, name: str) -> bytes:
     url = hf_hub_url(hs.repo, name, revision=hs.commit, endpoint=constants.ENDPOINT)
     headers = build_hf_headers()
     with hub_errors(f"{hs.repo}@{hs.commit}: {name} header"):
-        r = get_session().get(url, headers={**headers, "range": "bytes=0-65535"}, follow_redirects=True)
+        r = get_session().get(url, headers={**headers, "range": "bytes=0-65535"}, timeout=30)
         hf_raise_for_status(r)
         data = bytes(r.content)
         if len(data) < 8:
@@ -209,7 +209,7 @@ def _fetch_prefix(hs: HubSource, name: str) -> bytes:
         if n > MAX_HEADER:
             raise FormatError(f"{hs.repo}/{name}: header length {n} exceeds {MAX_HEADER} bytes")
         if len(data) < 8 + n:
-            r = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, follow_redirects=True)
+            r = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=30)
             hf_raise_for_status(r)
             data = data[:8] + bytes(r.content)
         return data[: 8 + n]
