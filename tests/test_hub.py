@@ -275,3 +275,55 @@ def test_card_carries_verify_summary_and_degrades_without_source_card(converted,
 def test_push_refuses_unfinished_output(source, tmp_path):
     r = cli(tmp_path / "hf", "push", source[0], "me/x", "--dry-run")
     assert r.returncode == 2 and "not a finished w3repack output" in r.stderr
+
+
+def test_headers_by_range_request_when_no_shard_is_cached(source, tmp_path):
+    """Planning reads only each shard's header over HTTP (Range) from HF_ENDPOINT; no shard is downloaded."""
+    import http.server
+    import threading
+
+    src = source[0]
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            prefix = f"/{REPO}/resolve/{COMMIT}/"
+            name = self.path[len(prefix):] if self.path.startswith(prefix) else ""
+            if not (src / name).is_file() or "range" not in {k.lower() for k in self.headers}:
+                self.send_response(404)
+                self.end_headers()
+                return
+            a, b = self.headers["Range"].split("=")[1].split("-")
+            data = (src / name).read_bytes()[int(a): int(b) + 1]
+            seen.append(self.headers["Range"])
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        home = tmp_path / "hf"
+        snap = build_cache(home, src)
+        for n in shard_names(src):
+            (snap / n).unlink()
+        code = (
+            "import json,sys; from pathlib import Path; from repack import hub; from repack.plan import Options\n"
+            f"snap=Path({str(snap)!r}); names={shard_names(src)!r}\n"
+            "hs=hub.HubSource('%s', None, '%s', snap, json.loads((snap/'model.safetensors.index.json').read_text()), names)\n"
+            "plan=hub.hub_plan(hs, Path(sys.argv[1]), Options())\n"
+            "print(json.dumps({s.name: s.src_size for s in plan.shards}))\n" % (REPO, COMMIT)
+        )
+        e = env(home)
+        e.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{srv.server_address[1]}")
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], env=e, capture_output=True, text=True, timeout=60)
+    finally:
+        srv.shutdown()
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {n: (src / n).stat().st_size for n in shard_names(src)}
+    assert len(seen) == len(shard_names(src)) and all(s.startswith("bytes=0-") for s in seen)
+    assert not list(snap.glob("*.safetensors"))
