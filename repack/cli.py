@@ -277,6 +277,169 @@ def _flip_check(src: Path, dst: Path) -> str | None:
         return None if rep.ok else rep.differences[0].line().replace(str(copy), "<copy>")
 
 
+class KvDtype(str, Enum):
+    auto = "auto"
+    fp8 = "fp8"
+
+
+def _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes=1, cpu_offload_gb=None):
+    from repack.serve.launcher import prepare
+
+    return prepare(str(_local(model)), gpus, gpu_memory, compute_capability, max_model_len,
+                   kv_cache_dtype.value if kv_cache_dtype else None, util, recipe, nodes, cpu_offload_gb)
+
+
+_GPUS = typer.Option(None, "--gpus", min=1, help="GPUs per node (tensor parallel size). Default: nvidia-smi, else 8.")
+_MEM = typer.Option(None, "--gpu-memory", help="GiB per GPU. Default: nvidia-smi, else 24.")
+_CC = typer.Option(None, "--compute-capability", help="e.g. 8.6. Default: nvidia-smi, else 8.6.")
+_LEN = typer.Option(None, "--max-model-len", min=1, help="Context to plan for. Default: the most that fits.")
+_KV = typer.Option(None, "--kv-cache-dtype", help="auto (model dtype) or fp8 (sm89+ for MLA).")
+_UTIL = typer.Option(None, "--gpu-memory-utilization", help="Share of each GPU vLLM may use (default 0.90).")
+_RECIPE = typer.Option(None, "--recipe", help="Fill options from a recipe (see `w3repack recipes`).")
+_OFFLOAD = typer.Option(None, "--cpu-offload-gb", min=0, help="GiB of weights per GPU kept in host RAM.")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="Converted checkpoint folder (headers only are read)."),
+    gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
+    max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
+    recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes (pipeline parallel size)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan GPU memory for vLLM: weights per GPU, KV cache per token, max context, warnings, alternatives."""
+    from repack.serve import planner
+
+    m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes, cpu_offload_gb)
+    p = planner.plan(m, req)
+    if json_out:
+        ui.print_json(p)
+        return
+    o, g = ui.out, p["gpu"]
+    o.print(f"[bold]{p['model']}[/] ({p['architecture']})")
+    o.print(f"  GPUs              {p['gpus']} x {g['memory_gib']:g} GiB, cc {g['compute_capability']}"
+            + (f", {g['name']}" if g["name"] else "") + f"  (from {', '.join(sorted(set(g['source'].values()))) or '?'})")
+    o.print(f"  layout            TP {p['tensor_parallel']} x PP {p['pipeline_parallel']}")
+    o.print(f"  weights per GPU   {p['weights_gib_per_gpu']:.2f} GiB" + (f" ({p['weights_gib_on_gpu']:.2f} on GPU after offload)" if p["weights_gib_on_gpu"] != p["weights_gib_per_gpu"] else ""))
+    for k, v in p["weights_gib_by_class"].items():
+        o.print(f"    {k:<28} {v:8.3f} GiB")
+    a = p["allowances_gib"]
+    o.print(f"  budget            {p['budget_gib']:.2f} GiB at utilization {p['gpu_memory_utilization']:g}; allowances: "
+            f"activations {a['activations']} GiB ({a['max_num_batched_tokens']} batched tokens), CUDA graphs {a['cuda_graphs']} GiB, non-torch {a['non_torch']} GiB")
+    o.print(f"  KV cache          {p['kv_bytes_per_token']} bytes/token ({p['kv_cache_dtype']}; attention {p['kv_bytes_per_token_attention']}, "
+            f"indexer {p['kv_bytes_per_token_indexer']}), {p['kv_cache_gib']:.2f} GiB per GPU = {p['capacity_tokens']} tokens")
+    o.print(f"  max context       {p['max_model_len']} (model max {p['model_max_position_embeddings']})")
+    o.print("  fits              " + ("[green]yes[/]" if p["fits"] else f"[red]NO[/]: {p['reason']}"))
+    for w in p["warnings"]:
+        o.print(f"  [yellow]warning:[/] {w}", markup=True)
+    for alt in p["alternatives"]:
+        o.print(f"  alternative: {alt['description']}: {alt['weights_gib_per_gpu']:.2f} GiB weights/GPU, max context {alt['max_model_len']}")
+    o.print("  vllm serve MODEL " + " ".join(p["vllm_args"]), markup=False)
+
+
+@app.command()
+def launch(
+    model: str = typer.Argument(..., help="Converted checkpoint folder (same path on every node)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Script to write (e.g. serve.sh)."),
+    gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
+    max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
+    recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
+    vllm_version: Optional[str] = typer.Option(None, "--vllm-version", help="Choose flags for this vLLM (default: installed, else 0.26.0)."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes: >1 writes the Ray multi-node variant (PP = nodes)."),
+    force: bool = typer.Option(False, "--force", help="Write the script even if the plan does not fit."),
+) -> None:
+    """Write an executable bash launcher: preflight checks, then exec vllm serve with the planned flags."""
+    from repack.serve import launcher, planner
+
+    m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes, cpu_offload_gb)
+    p = planner.plan(m, req)
+    _refuse_unfit(p, force)
+    flags = launcher.version_flags(vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM, m, req.gpu)
+    output.write_text(launcher.script(str(m.root), p, flags, nodes, rec))
+    output.chmod(0o755)
+    ui.out.print(f"wrote {output}: {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {flags.version}"
+                 + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else ""), markup=False)
+    for w in p["warnings"]:
+        ui.err.print(f"warning: {w}", markup=False)
+
+
+def _refuse_unfit(p: dict, force: bool) -> None:
+    if p["fits"] or force:
+        return
+    alts = "; ".join(f"{a['description']} (max context {a['max_model_len']})" for a in p["alternatives"][:4])
+    raise UserError(f"the plan does not fit: {p['reason']}" + (f". Alternatives: {alts}" if alts else "") + " (--force writes it anyway)")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Converted checkpoint folder."),
+    gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
+    max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
+    recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
+    force: bool = typer.Option(False, "--force", help="Start even if the plan does not fit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
+) -> None:
+    """Plan, then replace this process with `vllm serve` (flags for the installed vLLM)."""
+    import shlex
+
+    from repack.serve import launcher, planner
+
+    m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, 1, cpu_offload_gb)
+    p = planner.plan(m, req)
+    _refuse_unfit(p, force)
+    flags = launcher.version_flags(launcher.installed_vllm() or launcher.DEFAULT_VLLM, m, req.gpu)
+    argv = launcher.command(str(m.root), p, flags)
+    for w in p["warnings"]:
+        ui.err.print(f"warning: {w}", markup=False)
+    if dry_run:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in p["env"].items())
+        ui.out.print((env + " " if env else "") + shlex.join(argv), markup=False)
+        return
+    launcher.exec_serve(argv, p["env"])
+
+
+@app.command()
+def smoke(
+    url: str = typer.Argument(..., help="Server base URL, e.g. http://127.0.0.1:8000"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the first one served)."),
+    long_tokens: int = typer.Option(2600, "--long-tokens", min=1, help="Length of the long prompt (beyond one prefill chunk)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a running OpenAI-compatible server. Exit 0 all passed, 1 a check failed, 2 unreachable."""
+    import os
+
+    from repack.serve import smoke as sm
+
+    try:
+        rep = sm.run(url, model, long_tokens, timeout, os.environ.get("OPENAI_API_KEY"))
+    except sm.Unreachable as e:
+        raise UserError(f"server unreachable: {e}") from e
+    if json_out:
+        ui.print_json(rep.to_json())
+    else:
+        for c in rep.checks:
+            ui.out.print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<40} {c.seconds:7.2f} s  {c.detail}", markup=False)
+        ui.out.print(f"{'passed' if rep.ok else 'FAILED'}: {sum(c.ok for c in rep.checks)} of {len(rep.checks)} checks, {rep.url} ({rep.model})", markup=False)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command("recipes")
+def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print the recipes as JSON.")) -> None:
+    """List the serving recipes shipped with w3repack."""
+    from repack.serve import recipes as rc
+
+    items = [rc.load(n) for n in rc.names()]
+    if json_out:
+        ui.print_json(items)
+        return
+    for r in items:
+        hw = r["hardware"]
+        ui.out.print(f"{r['name']:<44} {hw['gpus']} x {hw['gpu_memory_gib']:g} GiB cc {hw['compute_capability']}  source {r.get('source_repo', '-')}", markup=False)
+
+
 def main() -> None:
     """Entry point: run the app; map exceptions to one-line messages and exit codes."""
     interrupted = "interrupted: nothing half-written was kept; run the same command again to resume"

@@ -1,0 +1,441 @@
+"""Serving: memory planner against hand computations, launcher scripts (golden, bash -n, run against fake
+GPU tools), serve --dry-run, smoke test against a local stdlib HTTP server.
+
+The 345B replica is header-only: real safetensors headers, data regions left as sparse holes.
+Golden launch scripts: regenerate with ``W3REPACK_REGEN_GOLDEN=1 pytest tests/test_serve.py -k golden``
+and review the diff.
+"""
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from repack import synth
+from repack.convert import convert
+from repack.plan import Options
+from repack.serve import launcher, planner, recipes, smoke
+
+GIB = 1 << 30
+GOLDEN = Path(__file__).parent / "golden"
+PLACEHOLDER = "/models/DeepSeek-V3.2-REAP-345B-W4A16"
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "repack", *map(str, args)], capture_output=True, text=True, env=env)
+
+LAYERS, HIDDEN, EXPERTS, MOE_I, DENSE, DENSE_I = 61, 7168, 128, 2048, 3, 18432
+Q_LORA, KV_LORA, ROPE, NOPE, V, HEADS, VOCAB = 1536, 512, 64, 128, 128, 128, 129280
+IDX_HEADS, IDX_DIM = 64, 128
+SIZES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}
+
+
+def quant(prefix, k, n):
+    return [(f"{prefix}.qweight", "I32", [k // 8, n]), (f"{prefix}.qzeros", "I32", [k // 128, n // 8]),
+            (f"{prefix}.scales", "F16", [k // 128, n])]
+
+
+def layer_tensors(layer):
+    p = f"model.layers.{layer}"
+    h = HIDDEN
+    t = [(f"{p}.input_layernorm.weight", "BF16", [h]), (f"{p}.post_attention_layernorm.weight", "BF16", [h]),
+         (f"{p}.self_attn.q_a_layernorm.weight", "BF16", [Q_LORA]), (f"{p}.self_attn.kv_a_layernorm.weight", "BF16", [KV_LORA]),
+         (f"{p}.self_attn.kv_b_proj.weight", "F32", [HEADS * (NOPE + V), KV_LORA]),
+         (f"{p}.self_attn.indexer.wk.weight", "F32", [IDX_DIM, h]),
+         (f"{p}.self_attn.indexer.weights_proj.weight", "F32", [IDX_HEADS, h]),
+         (f"{p}.self_attn.indexer.k_norm.weight", "BF16", [IDX_DIM]), (f"{p}.self_attn.indexer.k_norm.bias", "BF16", [IDX_DIM])]
+    t += quant(f"{p}.self_attn.q_a_proj", h, Q_LORA) + quant(f"{p}.self_attn.q_b_proj", Q_LORA, HEADS * (NOPE + ROPE))
+    t += quant(f"{p}.self_attn.kv_a_proj_with_mqa", h, KV_LORA + ROPE) + quant(f"{p}.self_attn.o_proj", HEADS * V, h)
+    t += quant(f"{p}.self_attn.indexer.wq_b", Q_LORA, IDX_HEADS * IDX_DIM)
+    if layer < DENSE:
+        t += quant(f"{p}.mlp.gate_proj", h, DENSE_I) + quant(f"{p}.mlp.up_proj", h, DENSE_I) + quant(f"{p}.mlp.down_proj", DENSE_I, h)
+    else:
+        t += [(f"{p}.mlp.gate.weight", "BF16", [EXPERTS, h]), (f"{p}.mlp.gate.e_score_correction_bias", "F32", [EXPERTS])]
+        for e in [*(f"experts.{i}" for i in range(EXPERTS)), "shared_experts"]:
+            q = f"{p}.mlp.{e}"
+            t += quant(f"{q}.gate_proj", h, MOE_I) + quant(f"{q}.up_proj", h, MOE_I) + quant(f"{q}.down_proj", MOE_I, h)
+    if layer == LAYERS:
+        t += [(f"{p}.enorm.weight", "BF16", [h]), (f"{p}.hnorm.weight", "BF16", [h]), (f"{p}.shared_head.norm.weight", "BF16", [h]),
+              (f"{p}.embed_tokens.weight", "BF16", [VOCAB, h])]
+        t += quant(f"{p}.eh_proj", 2 * h, h) + quant(f"{p}.shared_head.head", h, VOCAB)
+    return t
+
+
+def write_sparse(path, tensors):
+    header, off = {}, 0
+    for name, dtype, shape in tensors:
+        n = SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+
+
+def write_replica(root):
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {"model-00000.safetensors": [("model.embed_tokens.weight", "BF16", [VOCAB, HIDDEN]),
+                                          ("model.norm.weight", "BF16", [HIDDEN]), ("lm_head.weight", "BF16", [VOCAB, HIDDEN])]}
+    for layer in range(LAYERS + 1):
+        shards[f"model-{layer + 1:05d}.safetensors"] = layer_tensors(layer)
+    wm = {}
+    for name, tensors in shards.items():
+        write_sparse(root / name, tensors)
+        wm.update({t[0]: name for t in tensors})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    cfg = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "hidden_size": HIDDEN,
+           "num_hidden_layers": LAYERS, "num_nextn_predict_layers": 1, "n_routed_experts": EXPERTS, "n_shared_experts": 1,
+           "num_experts_per_tok": 8, "moe_intermediate_size": MOE_I, "first_k_dense_replace": DENSE,
+           "intermediate_size": DENSE_I, "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_rope_head_dim": ROPE,
+           "qk_nope_head_dim": NOPE, "v_head_dim": V, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+           "vocab_size": VOCAB, "max_position_embeddings": 163840, "torch_dtype": "bfloat16",
+           "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048,
+           "quantization_config": {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4,
+                                   "group_size": 128, "sym": True, "data_type": "int",
+                                   "extra_config": {".*kv_b_proj.*": {"bits": 16, "data_type": "float"}}}}
+    (root / "config.json").write_text(json.dumps(cfg, indent=1))
+    return root
+
+
+def q4(k, n):
+    """Bytes vLLM holds for a 4-bit GPTQ linear [N=n, K=k], group 128: codes, fp16 scales, packed zeros."""
+    return k * n // 2 + (k // 128) * n * 2 + (k // 128) * (n // 8) * 4
+
+
+def hand_weights_per_gpu(tp):
+    """Per-GPU bytes at tensor parallel ``tp``, written from FORMATS.md §3-4 without the planner's code."""
+    h = HIDDEN
+    total = 2 * (VOCAB * h * 2) / tp + h * 2  # embed_tokens and lm_head split on vocab, final norm
+    per_layer = (2 * h + Q_LORA + KV_LORA) * 2  # norms
+    per_layer += q4(h, Q_LORA) + q4(h, KV_LORA + ROPE)  # replicated q_a / kv_a
+    per_layer += (q4(Q_LORA, HEADS * (NOPE + ROPE)) + q4(HEADS * V, h)) / tp  # q_b, o_proj split on heads
+    per_layer += HEADS * (NOPE + V) * KV_LORA * 2 / tp  # kv_b_proj: float32 on disk, bf16 in vLLM
+    per_layer += q4(Q_LORA, IDX_HEADS * IDX_DIM) + (IDX_DIM + IDX_HEADS) * h * 2 + 2 * IDX_DIM * 2  # indexer, replicated
+    total += LAYERS * per_layer
+    total += DENSE * 3 * q4(h, DENSE_I) / tp
+    total += (LAYERS - DENSE) * ((EXPERTS + 1) * 3 * q4(h, MOE_I) / tp + EXPERTS * h * 2 + EXPERTS * 4)
+    return total
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    return write_replica(tmp_path_factory.mktemp("r345") / "DeepSeek-V3.2-REAP-345B-W4A16")
+
+
+def _plan(root, tp, mem, cc, **kw):
+    return planner.plan(planner.load_model(root), planner.Request(tp, planner.Gpu(tp, mem, cc), **kw))
+
+
+def test_replica_is_sparse_and_full_size(replica):
+    apparent = sum(p.stat().st_size for p in replica.glob("*.safetensors"))
+    assert 175e9 < apparent < 200e9  # ~180 GB at 4 bits (FORMATS §4) plus MTP layer and float32 kv_b_proj
+    assert sum(p.stat().st_blocks * 512 for p in replica.glob("*.safetensors")) < 200e6
+
+
+def test_replica_on_8x3090_does_not_fit(replica):
+    p = _plan(replica, 8, 24.0, "8.6")
+    hand = hand_weights_per_gpu(8) / GIB
+    assert abs(p["weights_gib_per_gpu"] - hand) / hand < 0.02
+    assert 21.0 < p["weights_gib_per_gpu"] < 23.5
+    assert p["kv_bytes_per_token_attention"] == 576 * 61 * 2
+    assert p["kv_bytes_per_token_indexer"] == 61 * (128 + 4)
+    assert p["kv_bytes_per_token"] == 576 * 61 * 2 + 61 * 132
+    assert p["fits"] is False and p["max_model_len"] == 0
+    assert any("V3.2" in w and "sm90" in w for w in p["warnings"])
+    assert any("NCCL_P2P_DISABLE" in w for w in p["warnings"])
+    assert p["mtp_bytes_not_loaded"] > 5e9
+    kinds = {a["kind"]: a for a in p["alternatives"]}
+    pp = kinds["pipeline-parallel"]
+    assert pp["gpus"] == 16 and "--pipeline-parallel-size" in pp["vllm_args"]
+    assert abs(pp["weights_gib_per_gpu"] - hand / 2) < 0.6
+    off = kinds["cpu-offload"]
+    assert "--cpu-offload-gb" in off["vllm_args"] and off["max_model_len"] >= 4096
+
+
+def test_replica_on_8xa100_fits_with_long_context(replica):
+    p = _plan(replica, 8, 40.0, "8.0")
+    assert p["fits"] is True and p["alternatives"] == []
+    a = p["allowances_gib"]
+    kv_gib = 40.0 * 0.90 - p["weights_gib_per_gpu"] - a["activations"] - a["cuda_graphs"] - a["non_torch"]
+    cap = int(kv_gib * GIB // (576 * 61 * 2 + 61 * 132))
+    assert abs(p["capacity_tokens"] - cap) <= 200
+    assert p["max_model_len"] == min(163840, p["capacity_tokens"] // 1024 * 1024)
+    assert ["--tensor-parallel-size", "8"] == p["vllm_args"][:2]
+    assert any("V3.2" in w for w in p["warnings"])
+    assert not any("NCCL_P2P_DISABLE" in w for w in p["warnings"])
+
+
+def test_fp8_kv_and_cc_warnings(replica):
+    p = _plan(replica, 8, 24.0, "8.6", kv_cache_dtype="fp8", max_model_len=4096)
+    assert any("fp8 KV cache for MLA needs sm89+" in w for w in p["warnings"])
+    assert p["kv_bytes_per_token_attention"] == 656 * 61  # fp8_ds_mla: 512 fp8 + 4 scales + 64 bf16 rope
+    p = _plan(replica, 8, 80.0, "9.0")
+    assert p["fits"] and not any("V3.2" in w for w in p["warnings"])
+    p = _plan(replica, 8, 48.0, "7.5")
+    assert any("Marlin" in w for w in p["warnings"])
+
+
+def test_pipeline_stages_follow_vllm():
+    assert [len(r) for r in planner.stage_layers(61, 2)] == [31, 30]
+    assert [len(r) for r in planner.stage_layers(61, 4)] == [15, 15, 16, 15]
+    assert [len(r) for r in planner.stage_layers(10, 3)] == [3, 4, 3]
+
+
+def test_plan_cli_json_keys(replica):
+    r = run("plan", replica, "--gpus", 8, "--gpu-memory", 24, "--compute-capability", "8.6", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    types = {"weights_gib_per_gpu": float, "kv_bytes_per_token": int, "max_model_len": int, "fits": bool,
+             "warnings": list, "vllm_args": list}
+    for k, t in types.items():
+        assert type(p[k]) is t, k
+    assert p["gpu"]["source"] == {"count": "option", "memory_gib": "option", "cc": "option"}
+    r = run("plan", replica, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090", "--json")
+    p = json.loads(r.stdout)
+    assert p["fits"] is True and p["max_model_len"] == 8192 and p["env"] == {"NCCL_P2P_DISABLE": "1"}
+    assert "--cpu-offload-gb" in p["vllm_args"] and "--disable-custom-all-reduce" in p["vllm_args"]
+
+
+def test_gpu_facts_from_nvidia_smi(replica, tmp_path):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nfor i in 1 2 3 4; do echo 'NVIDIA A100-SXM4-80GB, 81920, 8.0'; done\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    p = json.loads(run("plan", replica, "--json", env=env).stdout)
+    assert p["gpu"]["count"] == 4 and p["gpu"]["memory_gib"] == 80.0 and p["gpu"]["compute_capability"] == "8.0"
+    assert set(p["gpu"]["source"].values()) == {"nvidia-smi"} and p["tensor_parallel"] == 4
+    env["PATH"] = str(tmp_path / "empty")
+    p = json.loads(subprocess.run([sys.executable, "-m", "repack", "plan", str(replica), "--json"],
+                                  capture_output=True, text=True, env=env).stdout)
+    assert p["gpu"]["source"]["count"] == "default" and "assumed" in p["warnings"][0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    spec = synth.TinySpec.small()
+    src = synth.write_checkpoint(root / "w3", spec)
+    convert(src, root / "w4", Options(), workers=1)
+    return spec, src, root / "w4"
+
+
+def tiny_hand(s, tp):
+    """Per-GPU bytes of the converted TinySpec.small() checkpoint, from its dimensions."""
+    h = s.hidden
+    total = 2 * s.vocab * h * 2 / tp + h * 2
+    for layer in range(s.layers):
+        total += (2 * h + s.q_lora + s.kv_lora) * 2
+        total += q4(h, s.q_lora) + q4(h, s.kv_lora + s.rope)
+        total += (q4(s.q_lora, s.heads * (s.nope + s.rope)) + q4(s.heads * s.v_head, h)) / tp
+        total += s.heads * (s.nope + s.v_head) * s.kv_lora * 2 / tp
+        if layer < s.first_dense:
+            total += 3 * q4(h, s.intermediate) / tp
+        else:
+            total += (s.experts + 1) * 3 * q4(h, s.moe_intermediate) / tp + s.experts * h * 2 + s.experts * 4
+    return total
+
+
+def test_tiny_converted_exact(tiny):
+    spec, _, dst = tiny
+    m = planner.load_model(dst)
+    for tp in (1, 2):
+        assert planner.weights_per_gpu(m, tp, 1).per_stage[0] == tiny_hand(spec, tp)
+    p = _plan(dst, 1, 24.0, "8.6")
+    assert p["kv_bytes_per_token"] == (spec.kv_lora + spec.rope) * 2 * spec.layers
+    assert p["fits"] and p["max_model_len"] == 4096  # capped at max_position_embeddings
+    assert not any("bits" in w or "kv_b_proj" in w for w in p["warnings"])
+
+
+def test_tiny_source_warns_3bit_and_quantized_kv_b(tiny):
+    _, src, _ = tiny
+    p = _plan(src, 1, 24.0, "8.6")
+    assert any("at 3 bits" in w and "w3repack convert" in w for w in p["warnings"])
+    assert any("quantized kv_b_proj" in w for w in p["warnings"])
+
+
+def test_version_flags(replica):
+    m = planner.load_model(replica)
+    sm86, sm90 = planner.Gpu(8, 24.0, "8.6"), planner.Gpu(8, 80.0, "9.0")
+    assert launcher.version_flags("0.16.2", m, sm86).args == ["--quantization", "auto-round"]
+    assert launcher.version_flags("0.26.0", m, sm86).args == []
+    assert launcher.version_flags("0.30.1rc2", m, sm86).args == []
+    f = launcher.version_flags("0.30.0", m, sm90)
+    assert f.args == ["--moe-backend", "marlin"] and f.min_version == "0.30"
+    assert launcher.version_flags("0.26.0+cu128", m, sm90).notes
+
+
+def _launch(replica, out, *args):
+    r = run("launch", replica, "-o", out, *args)
+    assert r.returncode == 0, r.stderr
+    return out.read_text().replace(str(replica), PLACEHOLDER)
+
+
+GOLDEN_CASES = {
+    "deepseek-v3.2-reap-345b-w3a16-8x3090.sh": ["--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090", "--vllm-version", "0.26.0"],
+    "deepseek-v3.2-reap-345b-w3a16-8xa100-40g.sh": ["--recipe", "deepseek-v3.2-reap-345b-w3a16-8xa100-40g", "--vllm-version", "0.26.0"],
+    "2-nodes-8xh100-vllm-0.30.sh": ["--gpus", 8, "--gpu-memory", 80, "--compute-capability", "9.0", "--nodes", 2,
+                                    "--max-model-len", 65536, "--vllm-version", "0.30.0"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_launch_golden(replica, tmp_path, name):
+    out = tmp_path / "serve.sh"
+    text = _launch(replica, out, *GOLDEN_CASES[name])
+    assert os.access(out, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
+    if os.environ.get("W3REPACK_REGEN_GOLDEN"):
+        (GOLDEN / name).write_text(text)
+    assert text == (GOLDEN / name).read_text()
+
+
+def test_every_recipe_has_a_golden_and_loads():
+    for n in recipes.names():
+        r = recipes.load(n)
+        assert r["source_repo"] == "0xSero/DeepSeek-V3.2-REAP-345B-W3A16" or n not in (
+            "deepseek-v3.2-reap-345b-w3a16-8x3090", "deepseek-v3.2-reap-345b-w3a16-8xa100-40g")
+        assert (GOLDEN / f"{n}.sh").exists()
+    assert run("plan", "x", "--recipe", "nope").returncode == 2
+
+
+def _fake_tools(tmp_path, gpus, mib):
+    b = tmp_path / "fakebin"
+    b.mkdir(parents=True)
+    (b / "nvidia-smi").write_text(f"#!/bin/sh\nfor i in $(seq 1 {gpus}); do echo '{mib}'; done\n")
+    (b / "python3").write_text("#!/bin/sh\necho 0.26.0+cu128\n")
+    (b / "vllm").write_text("#!/bin/sh\necho \"vllm $* NCCL_P2P_DISABLE=${NCCL_P2P_DISABLE:-unset}\"\n")
+    for f in b.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{b}:/usr/bin:/bin"}
+
+
+def test_launch_script_runs_preflight_then_execs(replica, tmp_path):
+    out = tmp_path / "serve.sh"
+    _launch(replica, out, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090", "--vllm-version", "0.26.0")
+    r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path, 8, 24576))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"vllm serve {replica} --tensor-parallel-size 8 --max-model-len 8192")
+    assert "--cpu-offload-gb 3" in r.stdout and r.stdout.strip().endswith("NCCL_P2P_DISABLE=1")
+    assert "preflight: 8 GPUs, vLLM 0.26.0: ok" in r.stderr
+    r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path / "a", 4, 24576))
+    assert r.returncode == 1 and "4 GPUs found, the plan needs 8" in r.stderr
+    r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path / "b", 8, 12288))
+    assert r.returncode == 1 and "12288 MiB" in r.stderr
+
+
+def test_launch_refuses_unfit_unless_forced(replica, tmp_path):
+    out = tmp_path / "s.sh"
+    r = run("launch", replica, "-o", out, "--gpus", 8, "--gpu-memory", 24, "--compute-capability", "8.6")
+    assert r.returncode == 2 and "does not fit" in r.stderr and "--nodes 2" in r.stderr and not out.exists()
+    r = run("launch", replica, "-o", out, "--gpus", 8, "--gpu-memory", 24, "--compute-capability", "8.6", "--force")
+    assert r.returncode == 0 and "fits: NO" in out.read_text()
+
+
+def test_serve_dry_run(replica):
+    r = run("serve", replica, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8xa100-40g", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (f"vllm serve {replica} --tensor-parallel-size 8 --max-model-len 65536 "
+                                "--gpu-memory-utilization 0.9")
+
+
+class FakeServer(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible fake; ``crash_over`` words of prompt answer 500 (the kv_b_proj crash)."""
+
+    crash_over = None
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, obj):
+        raw = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model", "max_model_len": 8192}]})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/chat/completions":
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "Hello"}}]})
+        elif self.path == "/v1/completions":
+            n = len(body["prompt"].split())
+            if self.crash_over and n > self.crash_over:
+                self._send(500, {"error": "AttributeError: 'ColumnParallelLinear' object has no attribute 'weight'"})
+            else:
+                self._send(200, {"choices": [{"text": " paper boats"}], "usage": {"prompt_tokens": n}})
+        else:
+            self._send(404, {"error": "not found"})
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(crash_over=None):
+        handler = type("H", (FakeServer,), {"crash_over": crash_over})
+        s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+        servers.append(s)
+        return f"http://127.0.0.1:{s.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_smoke_passes_on_healthy_server(server):
+    url = server()
+    r = run("smoke", url, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["model"] == "tiny" and len(rep["checks"]) == 4
+    assert "prompt_tokens=" in rep["checks"][2]["detail"]
+    assert int(rep["checks"][2]["detail"].split("prompt_tokens=")[1].split(";")[0]) > 2048
+
+
+def test_smoke_fails_on_long_prompt_crash(server):
+    url = server(crash_over=700)
+    r = run("smoke", url, "--model", "tiny")
+    assert r.returncode == 1
+    assert "PASS  chat completion" in r.stdout and "FAIL  completion" in r.stdout and "ColumnParallelLinear" in r.stdout
+    r = run("smoke", url, "--long-tokens", 300)
+    assert r.returncode == 0, r.stdout
+    r = run("smoke", url, "--model", "other")
+    assert r.returncode == 1 and "other not served" in r.stdout
+
+
+def test_smoke_unreachable_exits_2():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run("smoke", f"http://127.0.0.1:{port}")
+    assert r.returncode == 2 and r.stderr.startswith("error: server unreachable")
+
+
+def test_long_prompt_length():
+    assert 2400 < len(smoke.long_prompt(2600).split()) < 2700
