@@ -1,0 +1,590 @@
+"""End-to-end GPU check: synthetic 3-bit DeepSeek-V3 -> refused by vLLM -> convert -> served on Marlin -> compared.
+
+Builds the tiny synthetic checkpoint (``repack.synth``), confirms stock vLLM refuses the 3-bit source,
+converts it, serves the 4-bit result through vLLM's Python API, checks the MoE layers run on Marlin, and
+compares greedy tokens and log-probs with a float model holding the exactly dequantized weights
+(``codec.dequantize`` of the 3-bit source, stored float32). Prompts: short ones, one longer than a prefill
+chunk (``max_num_batched_tokens`` 256, chunked prefill), and the same long prompt again (prefix-cache hit).
+Every vLLM engine runs in its own subprocess. Needs a CUDA GPU and vLLM importable.
+
+    PYTHONPATH=/path/to/vllm/site:$PWD python scripts/gpu_check.py --out OUT [--tp 1,2] [--dtypes float16,bfloat16]
+
+Prints a pass/fail table, writes ``OUT/results.json``, ``OUT/summary.txt`` and ``OUT/engines.log``;
+exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHUNK = 256          # max_num_batched_tokens: a 700-token prompt takes 3 scheduler steps
+LONG = 700
+TOL = {"float16": 0.05, "bfloat16": 0.15}  # max |logprob diff| of the chosen tokens, in nats
+MARLIN_LINE = "Using 'MARLIN' WNA16 MoE backend"
+
+
+# ---------------------------------------------------------------- checkpoints (CPU only)
+
+def build(work: Path) -> dict:
+    """Write the 3-bit source, the converted 4-bit model and the float reference under ``work``."""
+    from repack.convert import convert
+    from repack.plan import Options
+    from repack.synth import TinySpec, write_checkpoint
+
+    src, dst, ref = work / "src3", work / "dst4", work / "ref"
+    t0 = time.monotonic()
+    if not (src / "config.json").exists():
+        write_checkpoint(src, TinySpec())
+    t1 = time.monotonic()
+    if not (dst / "w3repack.json").exists():
+        convert(src, dst, Options())
+    t2 = time.monotonic()
+    if not (ref / "config.json").exists():
+        write_reference(src, ref)
+    t3 = time.monotonic()
+    return {"src": str(src), "dst": str(dst), "ref": str(ref),
+            "seconds": {"synth": round(t1 - t0, 2), "convert": round(t2 - t1, 2), "reference": round(t3 - t2, 2)}}
+
+
+def write_reference(src: Path, ref: Path) -> None:
+    """Float model of ``src``: each quantized module's ``weight`` is its exact float32 dequantization."""
+    from repack import codec
+    from repack.safetensors_io import build_header, read_array, read_header, to_float32
+
+    ref.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    weight_map, total = {}, 0
+    for shard in shards:
+        hdr = read_header(src / shard)
+        fd = os.open(src / shard, os.O_RDONLY)
+        try:
+            arrays = {t.name: (t.dtype, read_array(fd, hdr, t)) for t in hdr.ordered()}
+        finally:
+            os.close(fd)
+        out = []
+        for name, (dtype, arr) in arrays.items():
+            if name.endswith(".qweight"):
+                p = name[: -len(".qweight")]
+                qz = _find(src, index, p + ".qzeros", arrays)
+                sdt, sc = _find(src, index, p + ".scales", arrays, with_dtype=True)
+                bits = 32 * qz.shape[1] // sc.shape[1]
+                k = arr.shape[0] * 32 // bits
+                w = codec.dequantize(arr, qz, to_float32(sc, sdt), bits, k // sc.shape[0])
+                out.append((p + ".weight", "F32", w.astype(np.float32)))
+            elif name.endswith((".qzeros", ".scales", ".g_idx")):
+                continue
+            else:
+                out.append((name, dtype, arr))
+        prefix, _ = build_header([(n, d, tuple(a.shape)) for n, d, a in out], {"format": "pt"})
+        with open(ref / shard, "wb") as f:
+            f.write(prefix)
+            for n, _, a in out:
+                f.write(np.ascontiguousarray(a).tobytes())
+                total += a.nbytes
+                weight_map[n] = shard
+    (ref / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (ref / "config.json").write_text(json.dumps(cfg, indent=2))
+    (ref / "generation_config.json").write_text((src / "generation_config.json").read_text())
+
+
+def _find(src, index, name, arrays, with_dtype=False):
+    """A tensor from the current shard, or from the shard the index names (modules may straddle shards)."""
+    from repack.safetensors_io import read_array, read_header
+
+    if name in arrays:
+        dtype, arr = arrays[name]
+    else:
+        path = src / index["weight_map"][name]
+        hdr = read_header(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            t = hdr.tensors[name]
+            dtype, arr = t.dtype, read_array(fd, hdr, t)
+        finally:
+            os.close(fd)
+    return (dtype, arr) if with_dtype else arr
+
+
+def prompts(vocab: int = 1024) -> dict:
+    rng = np.random.default_rng(1234)
+    ids = lambda n: rng.integers(2, vocab, size=n).tolist()  # noqa: E731
+    long = ids(LONG)
+    return {
+        "round1": {"short_4": ids(4), "short_17": ids(17), "short_61": ids(61), "long_700": long},
+        "round2": {"long_700_cached": long, "long_700_plus_40": long + ids(40)},
+        # same two prompts, batched, with a cache salt: no prefix hit (tells batch effects from cache effects)
+        "round3": {"long_700_salted": long, "long_700_plus_40_salted": long + ids(40)},
+    }
+
+
+# ---------------------------------------------------------------- engine children (one per subprocess)
+
+def _engine(spec: dict):
+    from vllm import LLM
+
+    return LLM(model=spec["model"], tensor_parallel_size=spec.get("tp", 1), dtype=spec.get("dtype", "float16"),
+               enforce_eager=True, skip_tokenizer_init=True, attention_backend="TRITON_MLA",
+               max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
+               enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0)
+
+
+def _moe_methods(model) -> dict:
+    """Quant method class of every FusedMoE layer and a few linears (runs inside the vLLM worker)."""
+    out = {}
+    for name, m in model.named_modules():
+        qm = getattr(m, "quant_method", None)
+        if qm is None:
+            continue
+        cls = type(m).__name__
+        if "MoE" in cls or "Experts" in cls or name.endswith(("kv_b_proj", "o_proj")):
+            desc = f"{cls}: {type(qm).__name__}"
+            for attr in ("backend", "moe_backend", "wna16_backend", "kernel", "quant_config"):
+                v = getattr(qm, attr, None)
+                if v is not None and attr != "quant_config":
+                    desc += f" {attr}={getattr(v, 'value', v)}"
+            out[name] = desc
+    return out
+
+
+def child_refuse(spec: dict) -> dict:
+    try:
+        _engine(spec)
+    except BaseException as e:  # noqa: BLE001 - the refusal is the expected outcome
+        return {"loaded": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    return {"loaded": True}
+
+
+def child_generate(spec: dict) -> dict:
+    import torch
+    import vllm
+    from vllm import SamplingParams
+
+    t0 = time.monotonic()
+    llm = _engine(spec)
+    load_s = time.monotonic() - t0
+    info = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "vllm": vllm.__version__,
+            "torch": torch.__version__, "load_seconds": round(load_s, 1)}
+    try:
+        import importlib  # by reference through an importable name, so TP>1 workers can unpickle it
+        try:
+            fn = importlib.import_module("scripts.gpu_check")._moe_methods
+        except ImportError:
+            fn = _moe_methods
+        info["methods"] = llm.apply_model(fn)[0]
+    except Exception as e:  # noqa: BLE001 - optional detail; the log line is the primary check
+        info["methods_error"] = f"{type(e).__name__}: {e}"[:500]
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=5, detokenize=False,
+                        ignore_eos=True)
+    results = {}
+    for rnd in ("round1", "round2", "round3"):
+        names = list(spec["prompts"][rnd])
+        reqs = [{"prompt_token_ids": spec["prompts"][rnd][n]} for n in names]
+        if rnd == "round3":
+            reqs = [dict(r, cache_salt=n) for r, n in zip(reqs, names)]
+        outs = llm.generate(reqs, sp, use_tqdm=False)
+        for n, o in zip(names, outs):
+            c = o.outputs[0]
+            results[n] = {
+                "tokens": list(c.token_ids),
+                "logprobs": [{str(t): float(lp.logprob) for t, lp in d.items()} for d in c.logprobs],
+                "num_cached_tokens": getattr(o, "num_cached_tokens", None),
+                "prompt_len": len(o.prompt_token_ids),
+            }
+    return {"info": info, "results": results}
+
+
+def run_child(mode: str, spec: dict, log: Path, timeout: int) -> dict:
+    """Run one engine in a fresh Python process; its whole output goes to ``log``."""
+    res_path = log.with_suffix(".json")
+    res_path.unlink(missing_ok=True)
+    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1", PYTHONPATH=pypath)
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        try:
+            p = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(spec), str(res_path)],
+                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log.read_text(errors="replace")
+    out = json.loads(res_path.read_text()) if res_path.exists() else {}
+    out.update(rc=rc, seconds=round(time.monotonic() - t0, 1), log=text)
+    return out
+
+
+# ---------------------------------------------------------------- launcher + smoke (needs repack.serve)
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def write_tokenizer(model: Path, vocab_size: int) -> None:
+    """A word-level tokenizer (``tokenizers``) covering the smoke test's words, padded to the model's vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from repack.serve import smoke
+
+    text = smoke.long_prompt(64) + " user assistant Reply with one word : hello . " + CHAT_TEMPLATE
+    words = []
+    for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text):
+        if w not in words:
+            words.append(w)
+    names = ["<s>", "</s>", "<unk>"] + words
+    names += [f"w{i}" for i in range(len(names), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 4096, "chat_template": CHAT_TEMPLATE}, indent=1))
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int) -> dict:
+    """``w3repack launch`` a bash launcher, start it, wait for the server, run ``w3repack smoke``, stop it.
+
+    vLLM is reached through ``VLLM=`` (a launcher option) pointing at a wrapper that adds only what this
+    host needs: the TRITON_MLA backend (no FlashInfer), eager mode, a 256-token prefill chunk (so the smoke
+    test's long prompt spans several chunks on a GPU whose default chunk is larger) and the port.
+    """
+    import signal
+    import urllib.request
+
+    rec: dict = {"gpus": gpus, "port": port}
+    script = work / f"serve-{gpus}.sh"
+    p = subprocess.run([sys.executable, "-m", "repack", "launch", str(model), "--gpus", str(gpus), "-o", str(script)],
+                       capture_output=True, text=True, cwd=ROOT)
+    rec["launch"] = {"rc": p.returncode, "output": (p.stdout + p.stderr).strip()[-600:]}
+    if p.returncode:
+        return rec
+    rec["script"] = script.read_text()
+    wrapper = work / "vllm-wrapper.sh"
+    wrapper.write_text("#!/usr/bin/env bash\n"
+                       f'exec "${{PYTHON:-python3}}" -m vllm.entrypoints.cli.main "$@" --attention-backend TRITON_MLA '
+                       f"--enforce-eager --max-num-batched-tokens {CHUNK} --port {port}\n")
+    wrapper.chmod(0o755)
+    log = work / "logs" / f"serve-{gpus}.log"
+    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
+    env = dict(os.environ, VLLM=str(wrapper), PYTHON=sys.executable, PYTHONPATH=pypath)
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", str(script)], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        up = False
+        while time.monotonic() - t0 < timeout and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                    up = r.status == 200
+            except OSError:
+                pass
+            if up:
+                break
+            time.sleep(2)
+        rec["up"], rec["startup_seconds"] = up, round(time.monotonic() - t0, 1)
+        if up:
+            sm = subprocess.run([sys.executable, "-m", "repack", "smoke", url, "--json"], capture_output=True,
+                                text=True, cwd=ROOT, env=env, timeout=300)
+            rec["smoke_rc"] = sm.returncode
+            try:
+                rec["smoke"] = json.loads(sm.stdout)
+            except json.JSONDecodeError:
+                rec["smoke_output"] = (sm.stdout + sm.stderr)[-1500:]
+            rec["greedy"] = server_greedy(url, prompts())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text(errors="replace")
+    rec["marlin_line"] = MARLIN_LINE in text
+    rec["log_tail"] = "\n".join(text.splitlines()[-300:])
+    return rec
+
+
+def server_greedy(url: str, pr: dict, max_tokens: int = 24) -> dict:
+    """Greedy completions of the check's own token-id prompts through the server (bf16: the config's dtype)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    out = {}
+    for name in ("short_17", "long_700", "long_700_plus_40"):
+        body = {"model": model, "prompt": pr["round1"].get(name) or pr["round2"][name], "max_tokens": max_tokens,
+                "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True, "ignore_eos": True}
+        req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                lp = json.loads(r.read())["choices"][0]["logprobs"]
+        except OSError as e:
+            out[name] = {"error": str(e)[:300]}
+            continue
+        tid = lambda t: t.split(":", 1)[1]  # noqa: E731 - "token_id:N"
+        out[name] = {"tokens": [int(tid(t)) for t in lp["tokens"]],
+                     "logprobs": [{tid(k): v for k, v in d.items()} | {tid(t): c}
+                                  for t, c, d in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]}
+    return out
+
+
+# ---------------------------------------------------------------- comparison
+
+def compare(a: dict, b: dict, tol: float) -> dict:
+    """Greedy tokens of ``a`` against ``b``; log-prob diff of the chosen tokens up to the first split."""
+    ta, tb = a["tokens"], b["tokens"]
+    n = min(len(ta), len(tb))
+    split = next((i for i in range(n) if ta[i] != tb[i]), None)
+    upto = n if split is None else split
+    diffs = [abs(a["logprobs"][i][str(ta[i])] - b["logprobs"][i][str(tb[i])]) for i in range(upto)]
+    r = {"tokens_equal": split is None and len(ta) == len(tb), "first_split": split, "n": n,
+         "max_lp_diff": max(diffs, default=0.0)}
+    if split is not None:  # how close ``b`` was to a tie where the two split (None: a's token not in b's top 5)
+        lb = b["logprobs"][split]
+        r["margin_at_split"] = lb[str(tb[split])] - lb[str(ta[split])] if str(ta[split]) in lb else None
+    return r
+
+
+def judge(run: dict, refs: dict[str, dict], tol: float) -> dict:
+    """Compare ``run`` with every reference run of the same prompt ids; keep the best.
+
+    ``exact``: tokens equal one reference run and every chosen-token log-prob within ``tol``. ``tie``: the
+    reference's own margin between its token and ours at the first split is within ``tol`` (a near tie in
+    the argmax), log-probs within ``tol`` before it. Anything else is a mismatch.
+    """
+    best = None
+    for name, ref in refs.items():
+        c = compare(run, ref, tol)
+        c["against"] = name
+        if c["tokens_equal"] and c["max_lp_diff"] <= tol:
+            c["verdict"] = "exact"
+        elif c["first_split"] is not None and c["max_lp_diff"] <= tol and c["margin_at_split"] is not None \
+                and c["margin_at_split"] <= tol:
+            c["verdict"] = "tie"
+        else:
+            c["verdict"] = "mismatch"
+        rank = ({"exact": 2, "tie": 1, "mismatch": 0}[c["verdict"]], c["first_split"] if c["first_split"] is not None else 99,
+                name.startswith("tp1"))
+        if best is None or rank > best[0]:
+            best = (rank, c)
+    return best[1]
+
+
+def describe(c: dict, tol: float) -> str:
+    s = {"exact": "tokens equal", "tie": "near tie", "mismatch": "tokens DIFFER"}[c["verdict"]]
+    s += f" vs {c['against']} ({c['n']} tokens)"
+    if c["first_split"] is not None:
+        m = c.get("margin_at_split")
+        s += f", split at {c['first_split']} (reference margin {'n/a (not in its top 5)' if m is None else f'{m:.4f}'})"
+    return s + f", max |dlogprob| {c['max_lp_diff']:.4f} (tol {tol})"
+
+
+def evaluate(engines: dict, pr: dict, strict: set) -> list[dict]:
+    """Pass/fail rows from the engines' records (``--from-results`` re-runs only this)."""
+    rows: list[dict] = []
+
+    def row(check, ok, detail, hard=True):
+        status = "PASS" if ok else ("FAIL" if hard else "WARN")
+        rows.append({"check": check, "pass": bool(ok) or not hard, "status": status, "detail": detail})
+
+    flat = {n: ids for rnd in pr.values() for n, ids in rnd.items()}
+    same = {n: [m for m in flat if flat[m] == ids] for n, ids in flat.items()}  # prompts with equal ids
+    if "refuse" in engines:
+        r = engines["refuse"]
+        row("vLLM refuses the 3-bit source", bool(r.get("refusal_line")) and not r.get("loaded", True),
+            (r.get("refusal_line") or f"rc={r.get('rc')} loaded={r.get('loaded')}")[:220])
+    names = [n for n in engines if n not in ("refuse", "serve")]
+    for name in names:
+        r = engines[name]
+        ok = r.get("rc") == 0 and "results" in r
+        row(f"{name} serves", ok, f"rc={r.get('rc')}, load {r.get('info', {}).get('load_seconds')} s, "
+            f"engine total {r.get('seconds')} s{'' if ok else ' | ' + r.get('log_tail', '')}")
+        if ok and name.startswith("w4"):
+            info = r["info"]
+            moe = sorted({v for v in info.get("methods", {}).values() if "Experts" in v.split(":")[0] or "MoE" in v.split(":")[0]})
+            row(f"{name} MoE layers on Marlin", r.get("marlin_line", False),
+                f"log: {MARLIN_LINE!r} {'seen' if r.get('marlin_line') else 'MISSING'}; "
+                f"module methods: {moe or (info.get('methods_error') or '')[:90]}")
+    for name in names:
+        r = engines[name]
+        if "results" not in r:
+            continue
+        dtype, res = name.rsplit("-", 1)[1], r["results"]
+        hard, tol = dtype in strict, TOL[dtype]
+        if name.startswith("w4"):
+            ref = engines.get(f"ref-{dtype}", {}).get("results")
+            if ref:
+                for p in res:
+                    c = judge(res[p], {m: ref[m] for m in same[p] if m in ref}, tol)
+                    row(f"{name} vs float ref: {p}", c["verdict"] != "mismatch", describe(c, tol), hard)
+            tp = int(name.split("-")[1][2:])
+            base = next((engines[n]["results"] for n in names if n.startswith("w4-tp") and n.endswith(dtype)
+                         and int(n.split("-")[1][2:]) < tp and "results" in engines[n]), None)
+            if base:  # a run of either counts: the float reference itself takes both branches at a near tie
+                for p in res:
+                    cands = {f"tp1 {m}": base[m] for m in same[p] if m in base}
+                    cands.update({f"ref {m}": ref[m] for m in same[p] if ref and m in ref})
+                    c = judge(res[p], cands, tol)
+                    row(f"{name} vs w4-tp1-{dtype} (or float ref): {p}", c["verdict"] != "mismatch", describe(c, tol), hard)
+            hit = res["long_700_cached"]["num_cached_tokens"]
+            row(f"{name} prefix-cache hit on the repeated long prompt", bool(hit), f"num_cached_tokens={hit}")
+            if "long_700_salted" in res:
+                salted = res["long_700_salted"]["num_cached_tokens"]
+                row(f"{name} no hit with a cache salt", not salted, f"num_cached_tokens={salted}")
+        for p in ("long_700_cached", "long_700_salted"):  # batch/cache invariance of one engine: information
+            if p in res:
+                c = compare(res[p], res["long_700"], tol)
+                rows.append({"check": f"{name} invariance: {p} equals long_700", "pass": True,
+                             "status": "same" if c["tokens_equal"] else "INFO",
+                             "detail": "identical tokens" if c["tokens_equal"] else f"split at {c['first_split']}"})
+    for key, sv in engines.get("serve", {}).items():
+        row(f"{key}: w3repack launch wrote the launcher", sv["launch"]["rc"] == 0, sv["launch"]["output"][-160:].strip())
+        if sv["launch"]["rc"]:
+            continue
+        row(f"{key}: server up", sv.get("up", False), f"{sv.get('startup_seconds')} s; MoE on Marlin: "
+            f"{'log line seen' if sv.get('marlin_line') else 'NOT seen'}"
+            + ("" if sv.get("up") else " | " + " / ".join(sv.get("log_tail", "").splitlines()[-3:])[-300:]))
+        if sv.get("up"):
+            checks = (sv.get("smoke") or {}).get("checks")
+            if not checks:
+                row(f"{key}: w3repack smoke", False, f"rc={sv.get('smoke_rc')} {sv.get('smoke_output', '')[-300:]}")
+            for ch in checks or []:
+                row(f"{key}: smoke {ch.get('name')}", bool(ch.get("ok")), str(ch.get("detail"))[:200])
+            flat = {n: ids for rnd in pr.values() for n, ids in rnd.items()}
+            for p, got in (sv.get("greedy") or {}).items():
+                if "error" in got:
+                    row(f"{key}: greedy {p} through the server", False, got["error"][:200])
+                    continue
+                cands = {f"{e} {m}": engines[e]["results"][m] for e in ("w4-tp1-bfloat16", "ref-bfloat16")
+                         if "results" in engines.get(e, {}) for m in engines[e]["results"] if flat.get(m) == flat[p]}
+                if cands:
+                    c = judge(got, cands, TOL["bfloat16"])
+                    row(f"{key}: greedy {p} through the server (bf16) vs Python API", c["verdict"] != "mismatch",
+                        describe(c, TOL["bfloat16"]), "bfloat16" in strict)
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=None, help="checkpoints go here (default OUT/../gpu_check_work)")
+    ap.add_argument("--tp", default="1", help="tensor-parallel sizes for the 4-bit model, e.g. 1,2")
+    ap.add_argument("--dtypes", default="float16", help="e.g. float16,bfloat16")
+    ap.add_argument("--strict", default="float16",
+                    help="dtypes whose token/log-prob comparisons fail the run; others print WARN (see docs/validation.md)")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--skip-refusal", action="store_true")
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per engine")
+    ap.add_argument("--from-results", type=Path, help="re-judge a results.json of an earlier run (no GPU)")
+    ap.add_argument("--serve-gpus", default="", help="also launch + smoke the converted model at these GPU counts, e.g. 1")
+    ap.add_argument("--port", type=int, default=8011)
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    strict = set(args.strict.split(","))
+    pr = prompts()
+    if args.from_results:
+        report = json.loads(args.from_results.read_text())
+        _backfill(report["engines"], args.from_results.parent / "engines.log")
+    else:
+        report = run_engines(args, out, pr)
+    engines = report["engines"]
+    rows = evaluate(engines, pr, strict)
+    report.update(checks=rows, strict=sorted(strict), tolerance=TOL)
+    info = next((e["info"] for e in engines.values() if isinstance(e, dict) and "info" in e), {})
+    report["environment"] = {k: info.get(k) for k in ("gpu", "gpus", "vllm", "torch")}
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    judged = [r for r in rows if r["status"] in ("PASS", "FAIL", "WARN")]
+    report["passed"] = not failed and bool(judged)
+    count = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "WARN", "FAIL", "same", "INFO")}
+    lines = [f"GPU {info.get('gpu')} x{info.get('gpus')}, vLLM {info.get('vllm')}, torch {info.get('torch')}; "
+             f"strict dtypes {sorted(strict)}", f"{'result':6}  check", "-" * 100]
+    lines += [f"{r['status']:6}  {r['check']}: {r['detail']}" for r in rows]
+    lines += ["-" * 100, ", ".join(f"{v} {k}" for k, v in count.items()) + (" -> PASSED" if report["passed"] else " -> FAILED")]
+    summary = "\n".join(lines)
+    print("\n" + summary)
+    (out / "summary.txt").write_text(summary + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def _backfill(engines: dict, log: Path) -> None:
+    """Records from an older version of this script: read the Marlin/refusal lines from its engines.log."""
+    if not log.exists():
+        return
+    for part in log.read_text(errors="replace").split("===== ")[1:]:
+        name, text = part.split(" ", 1)[0], part
+        if name in engines:
+            engines[name].setdefault("marlin_line", MARLIN_LINE in text)
+            if name == "refuse":
+                engines[name].setdefault("refusal_line", next(
+                    (ln.strip() for ln in text.splitlines() if "NotImplementedError" in ln and "bits=3" in ln), ""))
+
+
+def run_engines(args, out: Path, pr: dict) -> dict:
+    """Build the checkpoints, run every engine in its own process, keep their records and log tails."""
+    work = args.work or out.parent / "gpu_check_work"
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    paths = build(work)
+    print(f"built in {work}: {paths['seconds']}", flush=True)
+    dtypes, tps = [d for d in args.dtypes.split(",") if d], [int(x) for x in args.tp.split(",")]
+    jobs = [] if args.skip_refusal else [("refuse", "refuse", {"model": paths["src"], "dtype": "bfloat16"})]
+    for dtype in dtypes:
+        spec = {"dtype": dtype, "max_tokens": args.max_tokens, "prompts": pr}
+        jobs.append((f"ref-{dtype}", "generate", dict(spec, model=paths["ref"], tp=1)))
+        jobs += [(f"w4-tp{t}-{dtype}", "generate", dict(spec, model=paths["dst"], tp=t)) for t in tps]
+    engines = {}
+    with open(out / "engines.log", "w") as elog:
+        for name, mode, spec in jobs:
+            r = run_child(mode, spec, logs / f"{name}.log", args.timeout)
+            text = r.pop("log")
+            r["marlin_line"] = MARLIN_LINE in text
+            r["log_tail"] = " / ".join(text.strip().splitlines()[-3:])[-300:]
+            if mode == "refuse":
+                r["refusal_line"] = next((ln.strip() for ln in (r.get("error", "") + "\n" + text).splitlines()
+                                          if "NotImplementedError" in ln and "bits=3" in ln), "")
+            engines[name] = r
+            print(f"{name}: rc={r['rc']} {r['seconds']} s", flush=True)
+            tail = text.splitlines()[-300:]
+            elog.write(f"===== {name} (last {len(tail)} lines) =====\n" + "\n".join(tail) + "\n")
+        for n in [int(x) for x in args.serve_gpus.split(",") if x]:
+            from repack.synth import TinySpec
+
+            if not (Path(paths["dst"]) / "tokenizer.json").exists():
+                write_tokenizer(Path(paths["dst"]), TinySpec().vocab)
+            sv = serve_and_smoke(Path(paths["dst"]), n, work, args.port, args.timeout)
+            tail = sv.pop("log_tail", "")
+            sv["log_tail"] = "\n".join(tail.splitlines()[-3:])
+            engines.setdefault("serve", {})[f"serve-{n}gpu"] = sv
+            print(f"serve-{n}gpu: up={sv.get('up')} smoke rc={sv.get('smoke_rc')}", flush=True)
+            elog.write(f"===== serve-{n}gpu =====\n{tail}\n")
+    return {"paths": paths, "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        mode, spec, res = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+        result = {"refuse": child_refuse, "generate": child_generate}[mode](spec)
+        res.write_text(json.dumps(result))
+        sys.exit(0)
+    sys.exit(main())
