@@ -572,7 +572,7 @@ def run_engines(args, out: Path, pr: dict) -> dict:
 
             if not (Path(paths["dst"]) / "tokenizer.json").exists():
                 write_tokenizer(Path(paths["dst"]), TinySpec().vocab)
-            sv = serve_and_smoke(Path(paths["dst"]), n, work, args.port, args.timeout)
+            sv = serve_and_smoke(Path(paths["dst"]), n, work, args.port + n, args.timeout)
             tail = sv.pop("log_tail", "")
             sv["log_tail"] = "\n".join(tail.splitlines()[-3:])
             engines.setdefault("serve", {})[f"serve-{n}gpu"] = sv
