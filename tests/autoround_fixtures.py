@@ -352,11 +352,12 @@ def autoround_quantlinear(qweight, qzeros, scales, bits: int, group_size: int, g
 
 
 def autoround_dequant(qweight, qzeros, scales, bits: int, group_size: int, *, g_idx=None, exact: bool = False):
-    """The dense ``[out, in]`` weight that AutoRound's QuantLinear reconstructs, via its own forward.
+    """The dense ``[out, in]`` weight that AutoRound's QuantLinear reconstructs, taken from its forward.
 
-    The forward computes ``W = scales * (q - (z + 1))`` inside and returns ``x @ W``; feeding the
-    float32 identity returns ``W`` (upcast exactly to float32), so this uses AutoRound's unpacking and
-    arithmetic, not ours.
+    ``QuantLinear.forward`` unpacks, computes ``W = scales * (q - (z + 1))``, casts ``W`` to the input
+    dtype and calls ``torch.matmul(x, W)``; the ``W`` handed to that matmul is captured here.  So this
+    is AutoRound's unpacking and arithmetic, not ours, signed zeros included (a negative scale times a
+    zero code difference is -0.0).
 
     ``exact=False``: what inference does: ``scales`` stay float16, so ``W`` is the float16 product
     (one rounding of the exact value); returned as float16.
@@ -368,10 +369,24 @@ def autoround_dequant(qweight, qzeros, scales, bits: int, group_size: int, *, g_
     if exact:
         scales = scales.to(torch.float32)
     ql = autoround_quantlinear(qweight, qzeros, scales, bits, group_size, g_idx=g_idx)
-    eye = torch.eye(ql.infeatures, dtype=torch.float32)
-    with torch.no_grad():
-        w_t = ql(eye)  # [in, out] == W^T, float32
-    return w_t.t().contiguous().to(scales.dtype)
+    x = torch.zeros(1, ql.infeatures, dtype=torch.float32)
+    captured = []
+    orig_matmul = torch.matmul
+
+    def spy(a, b, *args, **kwargs):
+        captured.append(b)
+        return orig_matmul(a, b, *args, **kwargs)
+
+    torch.matmul = spy
+    try:
+        with torch.no_grad():
+            ql(x)
+    finally:
+        torch.matmul = orig_matmul
+    if len(captured) != 1 or tuple(captured[0].shape) != (ql.infeatures, ql.outfeatures):
+        raise RuntimeError("AutoRound's QuantLinear.forward no longer computes x @ W as expected")
+    # float32 here is an exact upcast of the float16 W (or W itself when exact=True)
+    return captured[0].t().contiguous().to(scales.dtype)
 
 
 def bits_equal(a, b) -> bool:

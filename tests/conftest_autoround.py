@@ -12,9 +12,7 @@ Fixtures
     ``tmp_path_factory``.  Set ``W3REPACK_AR_FIXTURE_CACHE=/some/dir`` to keep them across sessions
     (keyed by the build arguments and the installed torch/auto-round/transformers versions).
 ``autoround_converted(src, **options) -> Path``
-    ``src`` converted by the converter CLI, once per session per (src, options).  The command is
-    ``$W3REPACK_CONVERTER`` (shell words, e.g. ``python /tmp/scratch_convert.py convert``) or, when
-    that is unset, ``python -m repack convert`` (skipped when ``repack`` is not importable).
+    ``src`` converted by ``python -m repack convert``, once per session per (src, options).
     Options map to flags through ``CONVERTER_FLAGS``; ``None``/``False`` values are left out.
 """
 
@@ -44,10 +42,6 @@ CONVERTER_FLAGS = {
 
 
 def converter_command() -> list[str]:
-    env_cmd = os.environ.get("W3REPACK_CONVERTER")
-    if env_cmd:
-        return shlex.split(env_cmd)
-    pytest.importorskip("repack", reason="the converter package `repack` is not importable yet")
     return [sys.executable, "-m", "repack", "convert"]
 
 
