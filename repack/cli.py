@@ -103,7 +103,7 @@ def convert(
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
     kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
     indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Shards in flight (default: 2 per CPU core, at most 32)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: 2 per CPU core, at most 16: ~17 MiB each)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub source: branch, tag or commit (same as SRC@REVISION)."),
@@ -194,7 +194,7 @@ def _convert_summary(res, json_out: bool) -> None:
 def verify(
     src: str = typer.Argument(..., help="The 3-bit source checkpoint."),
     dst: Path = typer.Argument(..., help="The converted checkpoint."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: 2 per CPU core, at most 16)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prove DST is SRC repacked: bitwise round trip over every byte. Exit 0 only if all matches."""
@@ -356,7 +356,7 @@ def launch(
     p = planner.plan(m, req)
     _refuse_unfit(p, force)
     flags = launcher.version_flags(vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM, m, req.gpu)
-    output.write_text(launcher.script(str(m.root), p, flags, nodes, rec))
+    output.write_text(launcher.script(str(m.root.resolve()), p, flags, nodes, rec))
     output.chmod(0o755)
     ui.out.print(f"wrote {output}: {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {flags.version}"
                  + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else ""), markup=False)
@@ -403,7 +403,7 @@ def serve(
 def smoke(
     url: str = typer.Argument(..., help="Server base URL, e.g. http://127.0.0.1:8000"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the first one served)."),
-    long_tokens: int = typer.Option(2600, "--long-tokens", min=1, help="Length of the long prompt (beyond one prefill chunk)."),
+    long_tokens: int = typer.Option(9000, "--long-tokens", min=1, help="Length of the long prompt (beyond one prefill chunk; cut to 80% of max_model_len)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

@@ -2,20 +2,26 @@
 """Benchmark convert/verify against cp and plain reads of the same bytes, in one run.
 
 Generates DeepSeek-shaped 3-bit checkpoints (hidden 7168, expert intermediate 2048, random words are
-valid 3-bit codes, bf16 float tensors) of the given sizes, then times, per size:
-``cp -r SRC && sync`` (convert fsyncs its output, so the copy is made durable too), ``w3repack convert``, ``w3repack verify`` and reading both trees (``cat > /dev/null``),
-dropping the page cache before each step when permitted (root), and reports MB/s of source bytes,
-ratios, and the peak resident memory of each process (``wait4`` rusage).
+valid 3-bit codes, ~8% bf16 float tensors) of the given sizes, then, per size and repeat, times
+``cp -r SRC && sync`` (convert fsyncs its output, so the copy is made durable too), ``w3repack convert``,
+reading both trees (``cat > /dev/null``) and ``w3repack verify``, dropping the page cache before each step
+when permitted (root). Reports medians: MB/s of source bytes, ratios against the baselines, CPU seconds
+per GB, and the peak resident memory of each process (``wait4`` rusage). Also measures the codec alone
+(one core) and a single-shard checkpoint (memory must not grow with shard size), and projects the time
+for a model of ``--project-gb`` from the measured CPU cost and assumed disk rates.
 
-    python scripts/bench_convert.py --sizes 0.5 1 2 --dir /tmp/w3bench
+    python scripts/bench_convert.py --sizes 0.5 1 2 --single-shard-gb 2 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -91,66 +97,155 @@ def drop_caches() -> bool:
         return False
 
 
-def timed(cmd: list[str], cold: bool) -> tuple[float, float]:
-    """Run ``cmd``; return (seconds, peak RSS MiB of the process)."""
+GNU_TIME = shutil.which("time") and Path(shutil.which("time")).resolve()
+
+
+def timed(cmd: list[str], cold: bool) -> dict:
+    """Run ``cmd``; return wall seconds, CPU seconds (user+sys) and peak RSS (MiB) of the process tree.
+
+    The command runs under GNU time when it is installed: a child forked straight from this (large)
+    Python process would report this process's peak RSS as its own.
+    """
     if cold:
         drop_caches()
+    stats = args_file = None
+    if GNU_TIME:
+        args_file = Path(f"/tmp/w3bench-time-{os.getpid()}")
+        cmd = [str(GNU_TIME), "-f", "%U %S %M", "-o", str(args_file)] + cmd
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return dt, ru.ru_maxrss / 1024
+    if args_file is not None:
+        u, s_, m = args_file.read_text().split()[-3:]
+        args_file.unlink()
+        stats = {"cpu": float(u) + float(s_), "rss": int(m) / 1024}
+    else:
+        stats = {"cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss / 1024}
+    return {"s": dt, **stats}
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def bench_codec(mib: int = 64, reps: int = 5) -> dict:
+    """Single-core MB/s of 3-bit input: transcode to 4-bit (convert), back (verify), and sha256."""
+    rng = np.random.default_rng(1)
+    rows = (mib << 20) // (4 * M) // 3 * 3
+    w3 = rng.integers(0, 2**32, size=(rows, M), dtype=np.uint32).view(np.int32)
+    out = np.empty(w3.nbytes * 4 // 3, dtype=np.uint8)
+    w4 = codec.transcode_to4(w3, 3).copy()
+    res = {}
+
+    def best(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return w3.nbytes / 1e6 / min(ts)
+
+    res["to4_mb_s"] = best(lambda: codec.transcode_to4(w3, 3, out=out))
+    res["from4_mb_s"] = best(lambda: codec.transcode_from4(w4, 3))
+    res["sha256_mb_s"] = best(lambda: hashlib.sha256(w3).digest())
+    chunk = w3[: (4 << 20) // (4 * M) // 3 * 3]
+    n = (w3.shape[0] // chunk.shape[0])
+    res["to4_chunked_mb_s"] = best(lambda: [codec.transcode_to4(chunk, 3, out=out) for _ in range(n)]) * (n * chunk.nbytes) / w3.nbytes
+    return res
+
+
+def run_size(label: str, base: Path, gb: float, shard_mb: int, workers: int, repeat: int, cold: bool, w3: list[str]) -> dict:
+    shutil.rmtree(base, ignore_errors=True)
+    src, dst, cpd = base / "src", base / "dst", base / "cp"
+    nbytes = generate(src, gb, shard_mb << 20)
+    steps: dict[str, list[dict]] = {"cp": [], "convert": [], "read_both": [], "verify": []}
+    for _ in range(repeat):
+        steps["cp"].append(timed(["sh", "-c", f"cp -r {src} {cpd} && sync"], cold))
+        shutil.rmtree(cpd)
+        shutil.rmtree(dst, ignore_errors=True)
+        steps["convert"].append(timed(w3 + ["convert", str(src), str(dst), "--workers", str(workers)], cold))
+        steps["read_both"].append(timed(["sh", "-c", f"cat {src}/*.safetensors {dst}/*.safetensors > /dev/null"], cold))
+        steps["verify"].append(timed(w3 + ["verify", str(src), str(dst), "--workers", str(workers)], cold))
+    out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+    shards = len(list(src.glob("*.safetensors")))
+    shutil.rmtree(base)
+    r = {"label": label, "size_gb": gb, "shards": shards, "source_bytes": nbytes, "output_bytes": out_bytes}
+    for k, runs in steps.items():
+        m = median_of(runs)
+        r[f"{k}_s"], r[f"{k}_cpu_s"], r[f"{k}_rss_mib"] = m["s"], m["cpu"], m["rss"]
+        r[f"{k}_s_all"] = [round(x["s"], 3) for x in runs]
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="GB of source shards")
+    ap.add_argument("--single-shard-gb", type=float, default=2.0, help="also a checkpoint that is one shard of this size (0: skip)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/w3repack-bench"))
     ap.add_argument("--shard-mb", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1))
+    ap.add_argument("--repeat", type=int, default=3, help="runs per step; the table shows medians")
+    ap.add_argument("--workers", type=int, default=None, help="default: the tool's own default for this machine")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--project-gb", type=float, default=138.0, help="source size to project the time for")
+    ap.add_argument("--project-cores", type=int, default=16)
+    ap.add_argument("--project-read-gbs", type=float, default=3.0, help="assumed sequential read GB/s of the target disk")
+    ap.add_argument("--project-write-gbs", type=float, default=2.0, help="assumed sustained write GB/s of the target disk")
+    ap.add_argument("--json", type=Path, help="also write all results as JSON here")
     args = ap.parse_args()
+    from repack.convert import default_workers
+
+    workers = args.workers or default_workers()
     cold = not args.warm and drop_caches()
     w3 = [sys.executable, "-m", "repack"]
-    rows = []
-    for gb in args.sizes:
-        base = args.dir / f"{gb:g}GB"
-        shutil.rmtree(base, ignore_errors=True)
-        src, dst, cpd = base / "src", base / "dst", base / "cp"
-        nbytes = generate(src, gb, args.shard_mb << 20)
-        out_bytes = None
-        r = {"size_gb": gb, "source_bytes": nbytes}
-        r["cp_s"], r["cp_rss"] = timed(["sh", "-c", f"cp -r {src} {cpd} && sync"], cold)
-        shutil.rmtree(cpd)
-        r["convert_s"], r["convert_rss"] = timed(w3 + ["convert", str(src), str(dst), "--workers", str(args.workers)], cold)
-        out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-        r["output_bytes"] = out_bytes
-        r["read_both_s"], _ = timed(["sh", "-c", f"cat {src}/*.safetensors {dst}/*.safetensors > /dev/null"], cold)
-        r["verify_s"], r["verify_rss"] = timed(w3 + ["verify", str(src), str(dst), "--workers", str(args.workers)], cold)
-        rows.append(r)
-        if not args.keep:
-            shutil.rmtree(base)
+
+    codec_res = bench_codec()
+    rows = [run_size(f"{gb:g} GB", args.dir / f"{gb:g}GB", gb, args.shard_mb, workers, args.repeat, cold, w3) for gb in args.sizes]
+    if args.single_shard_gb:
+        gb = args.single_shard_gb
+        rows.append(run_size(f"{gb:g} GB, 1 shard", args.dir / "single", gb, int(gb * 1000) + 64, workers, args.repeat, cold, w3))
+
     cores = os.cpu_count()
-    print(f"\nmachine: {cores} cores, page cache {'dropped before each step' if cold else 'warm'}, workers {args.workers}\n")
-    hdr = f"{'size':>6} {'cp s':>7} {'convert s':>9} {'conv MB/s':>9} {'conv/cp':>7} {'read both s':>11} {'verify s':>8} {'ver MB/s':>8} {'ver/read':>8} {'conv RSS':>8} {'ver RSS':>8}"
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+          f"page cache {'dropped before each step' if cold else 'warm'}; workers {workers}; medians of {args.repeat} runs\n")
+    print("codec alone, one core, MB/s of 3-bit input:")
+    print(f"  3->4 transcode {codec_res['to4_mb_s']:8.0f}   (4 MiB chunks as convert feeds it: {codec_res['to4_chunked_mb_s']:.0f})")
+    print(f"  4->3 transcode {codec_res['from4_mb_s']:8.0f}   (verify)")
+    print(f"  sha256         {codec_res['sha256_mb_s']:8.0f}   (convert hashes source and output)\n")
+    hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MB/s':>6} {'conv/cp':>7} {'read both s':>11} "
+           f"{'verify s':>8} {'MB/s':>6} {'ver/read':>8} {'conv RSS':>9} {'ver RSS':>9} {'cp RSS':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         mb = r["source_bytes"] / 1e6
-        print(f"{r['size_gb']:>5g}G {r['cp_s']:>7.2f} {r['convert_s']:>9.2f} {mb / r['convert_s']:>9.0f} "
-              f"{r['convert_s'] / r['cp_s']:>7.2f} {r['read_both_s']:>11.2f} {r['verify_s']:>8.2f} {mb / r['verify_s']:>8.0f} "
-              f"{r['verify_s'] / r['read_both_s']:>8.2f} {r['convert_rss']:>6.0f}Mi {r['verify_rss']:>6.0f}Mi")
-    if len(rows) > 1:
-        a, b = rows[0], rows[-1]
-        f = b["source_bytes"] / a["source_bytes"]
-        print(f"\nscaling {a['size_gb']:g}G -> {b['size_gb']:g}G (x{f:.2f} bytes): convert x{b['convert_s'] / a['convert_s']:.2f}, "
-              f"verify x{b['verify_s'] / a['verify_s']:.2f}")
+        print(f"{r['label']:<16} {r['shards']:>6} {r['cp_s']:>6.2f} {r['convert_s']:>9.2f} {mb / r['convert_s']:>6.0f} "
+              f"{r['convert_s'] / r['cp_s']:>7.2f} {r['read_both_s']:>11.2f} {r['verify_s']:>8.2f} {mb / r['verify_s']:>6.0f} "
+              f"{r['verify_s'] / r['read_both_s']:>8.2f} {r['convert_rss_mib']:>6.0f}MiB {r['verify_rss_mib']:>6.0f}MiB {r['cp_rss_mib']:>4.0f}MiB")
+    multi = [r for r in rows if "shard," not in r["label"]]
+    if len(multi) > 1:
+        print("\nscaling (time ratio / size ratio; 1.00 is linear):")
+        for a, b in zip(multi, multi[1:]):
+            f = b["source_bytes"] / a["source_bytes"]
+            print(f"  {a['label']} -> {b['label']}: convert {b['convert_s'] / a['convert_s'] / f:.2f}, verify {b['verify_s'] / a['verify_s'] / f:.2f}, cp {b['cp_s'] / a['cp_s'] / f:.2f}")
+
+    big = max(multi, key=lambda r: r["source_bytes"])
+    gbs = big["source_bytes"] / 1e9
+    conv_cpu, ver_cpu = big["convert_cpu_s"] / gbs, big["verify_cpu_s"] / gbs
+    growth = big["output_bytes"] / big["source_bytes"]
+    n, pc = args.project_gb, args.project_cores
+    cpu_conv, cpu_ver = n * conv_cpu / pc, n * ver_cpu / pc
+    disk_conv = n / args.project_read_gbs + n * growth / args.project_write_gbs  # not overlapped: conservative
+    disk_ver = n * (1 + growth) / args.project_read_gbs
+    print(f"\nCPU cost measured here: convert {conv_cpu:.2f} CPU-s per GB of source, verify {ver_cpu:.2f}; output/source {growth:.3f}")
+    print(f"projection, {n:g} GB source on {pc} cores, disk assumed {args.project_read_gbs:g} GB/s read / {args.project_write_gbs:g} GB/s write "
+          "(disk time = read + write, not overlapped; CPU time = measured CPU-s/GB spread over the cores):")
+    print(f"  convert: CPU {cpu_conv / 60:.1f} min, disk {disk_conv / 60:.1f} min -> about {max(cpu_conv, disk_conv) / 60:.1f} min")
+    print(f"  verify:  CPU {cpu_ver / 60:.1f} min, disk {disk_ver / 60:.1f} min -> about {max(cpu_ver, disk_ver) / 60:.1f} min")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"codec": codec_res, "rows": rows, "workers": workers, "cold": cold}, indent=2))
 
 
 if __name__ == "__main__":
