@@ -212,6 +212,29 @@ def test_v32_indexer_modules_become_float(tmp_path):
     assert dh["model.layers.0.self_attn.indexer.weights_proj.weight"]["dtype"] == "F32"
     assert dh["model.layers.0.self_attn.indexer.wq_b.qweight"]["dtype"] == "I32"
     assert verify(src, tmp_path / "v32w4").ok
+    extra = json.loads((tmp_path / "v32w4" / "config.json").read_text())["quantization_config"]["extra_config"]
+    assert extra[r".*indexer\.(wk|weights_proj).*"] == {"bits": 16, "data_type": "float"}
+
+
+def test_v32_indexer_fix_can_be_switched_off_and_the_planner_warns(tmp_path):
+    from repack.serve import launcher, planner
+
+    src = synth.write_checkpoint(tmp_path / "v32", synth.TinySpec.small(v32=True))
+    for opts, name in ((Options(), "fixed"), (Options(indexer_float=False), "raw")):
+        convert(src, tmp_path / name, opts)
+        assert verify(src, tmp_path / name).ok
+    dh, _ = read_dir(tmp_path / "raw")
+    assert dh["model.layers.0.self_attn.indexer.wk.qweight"]["dtype"] == "I32"
+    assert "model.layers.0.self_attn.indexer.wk.weight" not in dh
+    extra = json.loads((tmp_path / "raw" / "config.json").read_text())["quantization_config"].get("extra_config", {})
+    assert not any("indexer" in k for k in extra)
+    layers = synth.TinySpec.small(v32=True).layers
+    warned = {}
+    for name in ("fixed", "raw"):
+        m, req, _ = launcher.prepare(str(tmp_path / name), gpus=1, gpu_memory=80, cc="9.0", probe=False)
+        warned[name] = [w for w in planner.plan(m, req)["warnings"] if "indexer wk/weights_proj" in w]
+    assert warned["fixed"] == []
+    assert len(warned["raw"]) == 1 and warned["raw"][0].startswith(f"{2 * layers} quantized indexer")
 
 
 def test_source_is_untouched(src_copy, tmp_path):

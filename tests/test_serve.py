@@ -439,3 +439,48 @@ def test_smoke_unreachable_exits_2():
 
 def test_long_prompt_length():
     assert 2400 < len(smoke.long_prompt(2600).split()) < 2700
+
+
+def test_launch_script_names_the_model_by_absolute_path(replica, tmp_path):
+    """A relative MODEL would make vLLM look the name up on the hub when the script runs elsewhere."""
+    out = tmp_path / "serve.sh"
+    r = subprocess.run([sys.executable, "-m", "repack", "launch", replica.name, "-o", str(out), "--gpus", "8",
+                        "--gpu-memory", "80", "--compute-capability", "9.0", "--vllm-version", "0.26.0"],
+                       capture_output=True, text=True, cwd=replica.parent)
+    assert r.returncode == 0, r.stderr
+    model_lines = [ln for ln in out.read_text().splitlines() if ln.startswith("MODEL=")]
+    assert model_lines and all(str(replica.resolve()) in ln for ln in model_lines), model_lines
+
+
+def test_plan_standard_attention_gqa_and_vocab_padding(tmp_path):
+    """Llama-style GQA model: k/v are replicated once TP exceeds the KV heads; vocab 1000 pads to 1024."""
+    h, heads, kv, hd, inter, vocab, layers = 1024, 16, 4, 64, 2048, 1000, 2
+    root = tmp_path / "gqa"
+    root.mkdir()
+    t = [("model.embed_tokens.weight", "BF16", [vocab, h]), ("model.norm.weight", "BF16", [h]),
+         ("lm_head.weight", "BF16", [vocab, h])]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        t += [(f"{p}.input_layernorm.weight", "BF16", [h]), (f"{p}.post_attention_layernorm.weight", "BF16", [h])]
+        t += quant(f"{p}.self_attn.q_proj", h, heads * hd) + quant(f"{p}.self_attn.k_proj", h, kv * hd)
+        t += quant(f"{p}.self_attn.v_proj", h, kv * hd) + quant(f"{p}.self_attn.o_proj", heads * hd, h)
+        t += quant(f"{p}.mlp.gate_proj", h, inter) + quant(f"{p}.mlp.up_proj", h, inter) + quant(f"{p}.mlp.down_proj", inter, h)
+    write_sparse(root / "model.safetensors", t)
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": inter,
+        "vocab_size": vocab, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}}))
+
+    def hand(tp):
+        kv_ranks = min(tp, kv)
+        total = 2 * (-(-1024 // tp)) * h * 2 + h * 2  # embed + lm_head (rows padded to 1024, split), final norm
+        per_layer = 2 * h * 2 + (q4(h, heads * hd) + q4(heads * hd, h)) / tp + 2 * q4(h, kv * hd) / kv_ranks
+        per_layer += (2 * q4(h, inter) + q4(inter, h)) / tp
+        return total + layers * per_layer
+
+    for tp, kv_per_rank in ((2, 2), (8, 1)):
+        assert planner.weights_per_gpu(planner.load_model(root), tp, 1).per_stage == [pytest.approx(hand(tp), rel=1e-12)], tp
+        p = _plan(root, tp, 24.0, "8.6")
+        assert p["weights_gib_per_gpu"] == pytest.approx(hand(tp) / 2**30, abs=1e-3), tp
+        assert p["kv_bytes_per_token"] == 2 * kv_per_rank * hd * 2 * layers, tp

@@ -208,6 +208,7 @@ class Weights:
     by_class: dict[str, float]
     quant_bits: dict[int, int]
     quantized_kv_b: int
+    quantized_indexer: int = 0
 
 
 def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
@@ -252,13 +253,15 @@ def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
         key = _class(module, quantized)
         by_class[key] = by_class.get(key, 0.0) + b
     bits: dict[int, int] = {}
-    qkvb = 0
+    qkvb = qidx = 0
     for module, parts in modules.items():
         if not {"qweight", "qzeros", "scales"} <= set(parts):
             continue
         n_out = parts["scales"][1]
         b = 32 * parts["qzeros"][1] // n_out if n_out else 0
         bits[b] = bits.get(b, 0) + 1
+        if module.endswith((".indexer.wk", ".indexer.weights_proj")):
+            qidx += 1
         if module.endswith("kv_b_proj") and b:
             qkvb += 1
             k_in = parts["qweight"][0] * 32 // b
@@ -266,7 +269,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
             m = LAYER_RE.search(module)
             per_stage[stage_of.get(int(m.group(1)), 0) if m else 0] += extra
             by_class["kv_b_proj dequantized copy"] = by_class.get("kv_b_proj dequantized copy", 0.0) + extra
-    return Weights(per_stage, skipped, by_class, dict(sorted(bits.items())), qkvb)
+    return Weights(per_stage, skipped, by_class, dict(sorted(bits.items())), qkvb, qidx)
 
 
 def _class(module: str, quantized: bool) -> str:
@@ -291,7 +294,8 @@ def kv_bytes_per_layer(model: Model, tp: int, kv_dtype: str) -> tuple[int, int]:
     DeepSeek MLA caches ``kv_lora_rank + qk_rope_head_dim`` values per token on every rank (not split by TP):
     2 bytes each in bf16; with fp8, 1 byte each (V3) or vLLM's ``fp8_ds_mla`` layout for V3.2 (the latent in
     fp8 plus a float32 scale per 128 values plus the rope part in bf16: 656 bytes at 512/64). The V3.2 indexer
-    cache is assumed to hold ``index_head_dim`` fp8 values plus one float32 scale per 128 (132 bytes at 128),
+    cache holds ``index_head_dim`` fp8 values plus a 4-byte scale per 128 (vLLM's ``DeepseekV32IndexerCache``
+    of ``index_head_dim + index_head_dim // 128 * 4`` uint8: 132 bytes at 128),
     per token per layer on every rank. Standard attention: ``2 × kv_heads/TP × head_dim`` values (at least
     one head per rank).
     """
@@ -424,6 +428,9 @@ def warnings_for(model: Model, req: Request, w: Weights) -> list[str]:
     if w.quantized_kv_b:
         out.append(f"{w.quantized_kv_b} quantized kv_b_proj modules: vLLM 0.26 crashes on every prompt longer than one "
                    "scheduler step (MLA prefill context); convert with --kv-b-float (the default) to store them in float")
+    if w.quantized_indexer:
+        out.append(f"{w.quantized_indexer} quantized indexer wk/weights_proj modules: vLLM loads them only as float "
+                   "weights; convert with --indexer-float (the default) to store them dequantized")
     if model.v32 and cc < (9, 0):
         out.append(f"DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc {req.gpu.cc} has no backend for it "
                    "in stock vLLM. Options: serve on sm90+ (H100/H200); or a dense-attention fallback (config with the "

@@ -1,7 +1,8 @@
 """Smoke test of a running OpenAI-compatible server (stdlib ``urllib`` only).
 
 Checks: ``GET /v1/models``; a short chat completion; a completion whose prompt is longer than one prefill
-chunk (vLLM's default chunk is 2048 tokens on GPUs under 70 GiB); the same prompt again, which hits the
+chunk (vLLM's default chunk is 2048 tokens on GPUs under 70 GiB, 8192 above; the prompt is cut to 80% of the
+server's ``max_model_len``); the same prompt again, which hits the
 prefix cache. The last two are where a quantized DeepSeek ``kv_b_proj`` crashes vLLM 0.26 (FORMATS.md §3),
 which a "hello" test never sees.
 """
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-DEFAULT_LONG_TOKENS = 2600
+DEFAULT_LONG_TOKENS = 9000  # beyond vLLM's default prefill chunk: 2048 below 70 GiB of GPU memory, 8192 above
 WORDS = ("the river carries cold water past old stone bridges while market traders count their coins and "
          "children chase paper boats along the bank").split()
 
@@ -140,7 +141,7 @@ def run(url: str, model: str | None = None, long_tokens: int = DEFAULT_LONG_TOKE
         used = (out.get("usage") or {}).get("prompt_tokens")
         if isinstance(used, int) and used < target // 2:
             return False, f"prompt was only {used} tokens, asked for ~{target}"
-        return bool(text.strip()), f"prompt_tokens={used}{note}; text: {_short(text, 50)!r}"
+        return bool(text.strip()), f"prompt_tokens={used}; text: {_short(text, 50)!r}{note}"
 
     body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
     post(f"completion, ~{target}-token prompt", "/v1/completions", body, long_judge)
