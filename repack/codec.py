@@ -109,19 +109,25 @@ def _blocks(w: np.ndarray, rows_per_block: int) -> np.ndarray:
 
 
 def _spread3(t: np.ndarray, tmp: np.ndarray) -> None:
-    """In place: 8 3-bit codes in bits 0..23 -> 8 nibbles holding code + 4."""
-    np.bitwise_and(t, 0xFFF, out=tmp); t &= 0xFFF000; t <<= 4; t |= tmp
-    np.bitwise_and(t, 0x003F003F, out=tmp); t &= 0x0FC00FC0; t <<= 2; t |= tmp
-    np.bitwise_and(t, 0x07070707, out=tmp); t &= 0x38383838; t <<= 1; t |= tmp
+    """In place: 8 3-bit codes in bits 0..23 -> 8 nibbles holding code + 4.
+
+    Three halvings move the upper half of each field up by s bits: ``t += (t & upper) * (2**s - 1)``
+    (12 -> 16 bits, 6 -> 8, 3 -> 4); the fields never overlap, so the adds never carry.
+    """
+    np.bitwise_and(t, 0xFFF000, out=tmp); tmp *= 15; t += tmp
+    np.bitwise_and(t, 0x0FC00FC0, out=tmp); tmp *= 3; t += tmp
+    np.bitwise_and(t, 0x38383838, out=tmp); t += tmp
     t += 0x44444444
 
 
 def _squeeze3(t: np.ndarray, tmp: np.ndarray) -> bool:
-    """In place inverse of :func:`_spread3`; False if a nibble lies outside 4..11."""
-    ok = True
-    for shift in (0, 4):
-        np.right_shift(t, shift, out=tmp); tmp &= 0x0F0F0F0F; tmp += 0x04040404; tmp &= 0x18181818
-        ok &= bool((tmp == 0x08080808).all())
+    """In place inverse of :func:`_spread3`; False if a nibble lies outside 4..11.
+
+    Range test without isolating nibbles: with ``lo = v & 7``, ``v`` is in 4..11 exactly when bit 3 of ``v``
+    differs from bit 3 of ``lo + 4`` (no carry leaves a nibble, as ``lo + 4 <= 11``).
+    """
+    np.bitwise_and(t, 0x77777777, out=tmp); tmp += 0x44444444; tmp ^= t; tmp &= 0x88888888
+    ok = bool((tmp == 0x88888888).all())
     t -= 0x44444444
     np.right_shift(t, 1, out=tmp); tmp &= 0x38383838; t &= 0x07070707; t |= tmp
     np.right_shift(t, 2, out=tmp); tmp &= 0x0FC00FC0; t &= 0x003F003F; t |= tmp

@@ -121,3 +121,14 @@ def test_rejects_unsupported_widths():
     for bits in (5, 6, 7):
         with pytest.raises(ValueError):
             codec.unpack(np.zeros((3, 1), np.int32), bits)
+
+
+@pytest.mark.parametrize("pos", range(8))
+@pytest.mark.parametrize("nibble", range(16))
+def test_transcode_from4_range_check_every_nibble_value_and_position(nibble, pos):
+    """Only 4..11 (a 3-bit code plus 4) is accepted, whatever the neighbours hold."""
+    for fill in (0x44444444, 0xBBBBBBBB, 0x7B4A5869):
+        w = np.full((4, 2), fill, dtype=np.uint32)
+        w[2, 1] = (fill & ~(0xF << (4 * pos))) | (nibble << (4 * pos))
+        _, ok = codec.transcode_from4(w.view(np.int32), 3)
+        assert ok == (4 <= nibble <= 11), (hex(fill), nibble, pos)
