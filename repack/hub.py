@@ -341,25 +341,31 @@ def check_hub_space(plan: Plan, hs: HubSource, dst: Path, delete: bool, workers:
 
 
 def delete_cached(hs: HubSource, name: str) -> int:
-    """Remove a shard from the snapshot and its blob unless another snapshot links to it. Returns bytes freed."""
+    """Remove a shard's blob (unless another snapshot links to it), then its snapshot link. Returns bytes freed.
+
+    Blob first: a run killed in between leaves a dangling link, which the next run removes, never an orphan blob.
+    """
     p = hs.root / name
     if not p.is_symlink() and not p.exists():
         return 0
     blob = Path(os.path.realpath(p)) if p.is_symlink() else None
     size = p.stat().st_size if p.exists() else 0
+    freed = size
+    if blob is not None:
+        if blob.parent.name == "blobs" and blob.is_file() and not _linked_elsewhere(hs.repo_cache, blob, p):
+            blob.unlink()
+        else:
+            freed = 0
     p.unlink()
-    if blob is None:
-        return size
-    if blob.parent.name != "blobs" or not blob.is_file() or _linked_elsewhere(hs.repo_cache, blob):
-        return 0
-    blob.unlink()
-    return size
+    return freed
 
 
-def _linked_elsewhere(repo_cache: Path, blob: Path) -> bool:
+def _linked_elsewhere(repo_cache: Path, blob: Path, this: Path) -> bool:
     for dirpath, _, files in os.walk(repo_cache / "snapshots"):
         for fn in files:
             q = os.path.join(dirpath, fn)
+            if fn == this.name and os.path.samefile(dirpath, this.parent):
+                continue
             if os.path.islink(q) and os.path.realpath(q) == str(blob):
                 return True
     return False
@@ -388,7 +394,7 @@ class ShardFetcher:
 
 
 def convert_hub(src: str, dst: Path, options: Options, workers=None, overwrite=False, delete_source_shards=False,
-                revision=None, progress=None):
+                revision=None, progress=None, hashes=True):
     """Plan from configs and headers, check space, then fetch and convert shard by shard.
 
     ``progress(total)`` is a context manager yielding a byte-progress callback."""
@@ -405,7 +411,7 @@ def convert_hub(src: str, dst: Path, options: Options, workers=None, overwrite=F
     fetcher = ShardFetcher(hs, dst, delete_source_shards)
     with (progress or (lambda total: contextlib.nullcontext(None)))(plan.src_shard_bytes) as adv:
         res = convert(hs.root, dst, options, workers=workers, overwrite=overwrite, progress=adv, plan=plan,
-                      before_shard=fetcher.before, after_shard=fetcher.after)
+                      before_shard=fetcher.before, after_shard=fetcher.after, hashes=hashes)
     if delete_source_shards:
         for sp in plan.shards:
             delete_cached(hs, sp.name)

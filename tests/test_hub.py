@@ -174,7 +174,8 @@ def test_sigkill_mid_run_then_resume(source, hf_home, tmp_path):
     out = json.loads(r.stdout)
     assert out["shards_kept"] >= 1 and out["shards_written"] + out["shards_kept"] == out["shards"]
     assert_same_shards(dst, ref)
-    assert not any(b.exists() for b in shard_blobs(hf_home, src))
+    left = [b.name for b in shard_blobs(hf_home, src) if b.exists()]
+    assert not left, f"cached source blobs left after the resumed run: {left}"
     rep = verify(src, dst)
     assert rep.ok, rep.differences[0].line()
 
@@ -327,3 +328,28 @@ def test_headers_by_range_request_when_no_shard_is_cached(source, tmp_path):
     assert json.loads(r.stdout) == {n: (src / n).stat().st_size for n in shard_names(src)}
     assert len(seen) == len(shard_names(src)) and all(s.startswith("bytes=0-") for s in seen)
     assert not list(snap.glob("*.safetensors"))
+
+
+def test_delete_cached_blob_first_and_shared_blobs_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from repack.hub import delete_cached
+
+    repo = tmp_path / "models--acme--x"
+    (repo / "blobs").mkdir(parents=True)
+    a, b = repo / "snapshots" / "aaa", repo / "snapshots" / "bbb"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    for blob, data in (("s1", b"one"), ("s2", b"two!")):
+        (repo / "blobs" / blob).write_bytes(data)
+    (a / "x.safetensors").symlink_to("../../blobs/s1")
+    (a / "y.safetensors").symlink_to("../../blobs/s2")
+    (b / "y.safetensors").symlink_to("../../blobs/s2")  # the same blob in another revision
+    hs = SimpleNamespace(root=a, repo_cache=repo)
+    assert delete_cached(hs, "x.safetensors") == 3
+    assert not (repo / "blobs" / "s1").exists() and not (a / "x.safetensors").is_symlink()
+    assert delete_cached(hs, "y.safetensors") == 0
+    assert (repo / "blobs" / "s2").exists() and not (a / "y.safetensors").is_symlink()
+    # killed between blob and link: the dangling link is removed on the next run
+    (a / "x.safetensors").symlink_to("../../blobs/s1")
+    assert delete_cached(hs, "x.safetensors") == 0 and not (a / "x.safetensors").is_symlink()
