@@ -168,7 +168,7 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     out += ["", "sha256 of every shard (also in `w3repack.json`):", "", "| shard | source sha256 | output sha256 |", "|---|---|---|"]
     srcs = {f.get("name"): f.get("sha256") for f in src.get("files") or [] if isinstance(f, dict)}
     for s in man.get("output_shards") or []:
-        out.append(f"| {s.get('name')} | `{srcs.get(s.get('name'), '?')}` | `{s.get('sha256')}` |")
+        out.append(f"| {s.get('name')} | `{srcs.get(s.get('name')) or 'not recorded'}` | `{s.get('sha256') or 'not recorded'}` |")
     out += ["", "## Memory plan", ""]
     if table_src == "estimate":
         out += [f"Estimate from the checkpoint size ({_gib(weight_bytes)} of weights) and the KV cache shape of the config; "

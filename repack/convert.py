@@ -2,7 +2,7 @@
 
 Layout of an unfinished DST: finished shards under their final names (each renamed only after fsync),
 the shard in flight under ``.w3repack/<name>.partial``, and ``.w3repack/state.json`` recording the plan
-fingerprint and the sha256 of every finished shard. The configs, index and manifest are written last
+fingerprint and the sha256 of every finished shard (None for shards converted with ``hashes=False``). The configs, index and manifest are written last
 (``config.json`` then ``w3repack.json``), so DST is a loadable model only once everything is done.
 """
 
@@ -78,8 +78,12 @@ def load_state(dst: Path) -> dict | None:
     return None
 
 
-def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
-    """Decide what in DST can be kept. Returns finished shards ``{name: {"sha256", "source_sha256"}}``."""
+def prepare_dst(plan: Plan, dst: Path, overwrite: bool, hashes: bool = True) -> dict[str, dict]:
+    """Decide what in DST can be kept. Returns finished shards ``{name: {"sha256", "source_sha256"}}``.
+
+    A finished shard is kept when its size is the planned one and, if ``hashes``, its recorded sha256 checks
+    out (a shard recorded without one is redone). Final names only ever hold complete, fsynced shards.
+    """
     if dst.exists() and not dst.is_dir():
         raise UserError(f"destination {dst} exists and is not a directory")
     if not dst.exists() or not any(dst.iterdir()):
@@ -103,9 +107,9 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
     finished = state.get("finished")
     if not finished:  # a finished output: its manifest lists output and source hashes separately
         files = (state.get("source") or {}).get("files") or []
-        src_sha = {f.get("name"): f.get("sha256", "") for f in files if isinstance(f, dict)}
+        src_sha = {f.get("name"): f.get("sha256") for f in files if isinstance(f, dict)}
         finished = {
-            s.get("name"): {**s, "source_sha256": src_sha.get(s.get("name"), "")}
+            s.get("name"): {**s, "source_sha256": src_sha.get(s.get("name"))}
             for s in state.get("output_shards") or [] if isinstance(s, dict)
         }
     kept = {}
@@ -114,8 +118,11 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool) -> dict[str, dict]:
         if not isinstance(rec, dict):
             continue
         p = dst / name
-        if name in sizes and p.is_file() and p.stat().st_size == sizes[name] and sha256_file(p) == rec.get("sha256"):
-            kept[name] = {"sha256": rec["sha256"], "source_sha256": rec.get("source_sha256", "")}
+        if name not in sizes or not p.is_file() or p.stat().st_size != sizes[name]:
+            continue
+        sha = rec.get("sha256")
+        if not hashes or (isinstance(sha, str) and sha256_file(p) == sha):
+            kept[name] = {"sha256": sha, "source_sha256": rec.get("source_sha256")}
     return kept
 
 
@@ -141,7 +148,7 @@ class _State:
     def save(self) -> None:
         atomic_write(self.path, json.dumps({"fingerprint": self.fingerprint, "finished": self.finished}, indent=1).encode())
 
-    def done(self, name: str, sha: str, src_sha: str) -> None:
+    def done(self, name: str, sha: str | None, src_sha: str | None) -> None:
         with self.lock:
             self.finished[name] = {"sha256": sha, "source_sha256": src_sha}
             self.save()
@@ -158,10 +165,15 @@ def convert(
     plan: Plan | None = None,
     before_shard: Callable[[ShardPlan], None] | None = None,
     after_shard: Callable[[ShardPlan], None] | None = None,
+    hashes: bool = True,
 ) -> Result:
-    """``before_shard(sp)`` runs in the worker before shard ``sp`` is read; ``after_shard(sp)`` once it is recorded finished."""
+    """``before_shard(sp)`` runs in the worker before shard ``sp`` is read; ``after_shard(sp)`` once it is recorded finished.
+
+    ``hashes=False`` skips the sha256 of source and output shards (the manifest records None): the output bytes
+    are the same, and ``verify`` still compares every byte with the source.
+    """
     try:
-        return _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard, after_shard)
+        return _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard, after_shard, hashes)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(
@@ -171,13 +183,13 @@ def convert(
         raise UserError(f"{e.filename or dst}: {e.strerror or e}") from e
 
 
-def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard=None, after_shard=None) -> Result:
+def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard=None, after_shard=None, hashes=True) -> Result:
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     if plan is None:
         plan = build_plan(open_checkpoint(src), options)
     check_paths(src, dst)
-    kept = prepare_dst(plan, dst, overwrite)
+    kept = prepare_dst(plan, dst, overwrite, hashes)
     check_space(plan, dst, kept)
     stop = stop or threading.Event()
     progress = progress or (lambda n: None)
@@ -194,7 +206,7 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
     def job(sp: ShardPlan) -> None:
         if before_shard is not None:
             before_shard(sp)
-        sha, src_sha = convert_shard(plan, sp, dst, pool_bufs, stop, progress)
+        sha, src_sha = convert_shard(plan, sp, dst, pool_bufs, stop, progress, hashes)
         state.done(sp.name, sha, src_sha)
         result.shards_written.append(sp.name)
         if after_shard is not None:
@@ -234,6 +246,7 @@ def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
         "tool": "w3repack",
         "tool_version": __version__,
         "complete": True,
+        "shard_hashes": all(finished[s.name]["sha256"] and finished[s.name]["source_sha256"] for s in plan.shards),
         "fingerprint": plan.fingerprint(),
         "options": plan.options.to_json(),
         "source": {
@@ -255,13 +268,14 @@ def _rows_per_chunk(row_bytes: int, multiple: int) -> int:
     return max(multiple, rows - rows % multiple)
 
 
-def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: threading.Event, progress: Progress) -> tuple[str, str]:
-    """Stream one source shard into its output shard; returns (output sha256, source sha256)."""
+def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: threading.Event, progress: Progress,
+                  hashes: bool = True) -> tuple[str | None, str | None]:
+    """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed."""
     src_path = plan.ckpt.root / sp.name
     tmp = dst / STATE_DIR / (sp.name + ".partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    reader = SeqReader(src_path)
-    sink = Sink(tmp, pool, stop)
+    reader = SeqReader(src_path, hashed=hashes)
+    sink = Sink(tmp, pool, stop, hashed=hashes)
     ok = False
     try:
         reader.read(sp.src.data_offset)

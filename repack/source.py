@@ -18,7 +18,8 @@ def resolve_local(src: str) -> Path:
     return snapshot_from_cache(src)
 
 
-def convert_source(src: str, dst: Path, options, workers=None, overwrite=False, delete_source_shards=False, revision=None):
+def convert_source(src: str, dst: Path, options, workers=None, overwrite=False, delete_source_shards=False, revision=None,
+                   hashes=True):
     """Convert a local folder, or fetch and convert ``org/name[@revision]`` shard by shard."""
     from repack.checkpoint import open_checkpoint
     from repack.convert import convert
@@ -29,7 +30,7 @@ def convert_source(src: str, dst: Path, options, workers=None, overwrite=False, 
     if hub.parse_repo_id(src) is not None:
         return hub.convert_hub(src, dst, options, workers=workers, overwrite=overwrite,
                                delete_source_shards=delete_source_shards, revision=revision,
-                               progress=lambda total: ui.byte_progress("convert", total))
+                               progress=lambda total: ui.byte_progress("convert", total), hashes=hashes)
     if delete_source_shards:
         raise UserError("--delete-source-shards applies to hub sources only; local source files are never deleted")
     if revision:
@@ -39,4 +40,4 @@ def convert_source(src: str, dst: Path, options, workers=None, overwrite=False, 
         raise UserError(f"{src}: source not found")
     plan = build_plan(open_checkpoint(path), options)
     with ui.byte_progress("convert", plan.src_shard_bytes) as adv:
-        return convert(path, dst, options, workers=workers, overwrite=overwrite, progress=adv, plan=plan)
+        return convert(path, dst, options, workers=workers, overwrite=overwrite, progress=adv, plan=plan, hashes=hashes)

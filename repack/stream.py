@@ -51,8 +51,8 @@ class SeqReader:
         self.read_into(memoryview(b))
         return b
 
-    def hexdigest(self) -> str:
-        return self.hash.hexdigest() if self.hash is not None else ""
+    def hexdigest(self) -> str | None:
+        return self.hash.hexdigest() if self.hash is not None else None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -81,14 +81,14 @@ class BufferPool:
 
 
 class Sink:
-    """Writes byte chunks to a file in order on a background thread, hashing them (sha256)."""
+    """Writes byte chunks to a file in order on a background thread, hashing them (sha256) unless ``hashed=False``."""
 
-    def __init__(self, path: Path, pool: BufferPool, stop: threading.Event):
+    def __init__(self, path: Path, pool: BufferPool, stop: threading.Event, hashed: bool = True):
         self.path = path
         self.f = open(path, "wb", buffering=0)
         self.pool = pool
         self.stop = stop
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashed else None
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.written = 0
@@ -104,7 +104,8 @@ class Sink:
             try:
                 if self.error is None:
                     mv = memoryview(buf)[:n]
-                    self.hash.update(mv)
+                    if self.hash is not None:
+                        self.hash.update(mv)
                     while len(mv):
                         k = self.f.write(mv)
                         mv = mv[k:]
@@ -136,8 +137,8 @@ class Sink:
         arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
         self._put((arr, arr.nbytes, False))
 
-    def finish(self) -> str:
-        """Flush, fsync and close; returns the sha256 of everything written."""
+    def finish(self) -> str | None:
+        """Flush, fsync and close; returns the sha256 of everything written (None when not hashed)."""
         self.q.put(None)
         self.t.join()
         if self.error is not None:
@@ -145,7 +146,7 @@ class Sink:
             raise self.error
         os.fsync(self.f.fileno())
         self.f.close()
-        return self.hash.hexdigest()
+        return self.hash.hexdigest() if self.hash is not None else None
 
     def abort(self) -> None:
         self.error = self.error or Stopped()

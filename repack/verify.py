@@ -4,7 +4,8 @@ The expected output is recomputed from SRC (plan from headers + the options in D
 passthrough bytes must be identical; converted qweights, taken back to the source width by
 ``codec.transcode_from4``, must equal the source bytes; converted qzeros must be the symmetric 4-bit
 pattern; float-emitted modules must equal the reference dequantization (generic unpacker) bit for bit.
-Configs, index, shard set, copied files and manifest hashes are checked too.
+Configs, index, shard set, copied files and manifest hashes are checked too (an output shard's sha256 only
+where the manifest records one: ``convert --no-hash`` records none).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ class Report:
     src_bytes: int = 0
     dst_bytes: int = 0
     seconds: float = 0.0
+    hashes_checked: int = 0
 
     def to_json(self) -> dict:
         return {
             "ok": self.ok,
             "tensors_checked": self.tensors,
+            "shard_hashes_checked": self.hashes_checked,
             "source_bytes": self.src_bytes,
             "output_bytes": self.dst_bytes,
             "seconds": round(self.seconds, 3),
@@ -94,11 +97,15 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     dst_sha: dict[str, str] = {}
     shard_diffs: dict[str, Difference] = {}
     shards = [s for s in plan.shards if (dst / s.name).is_file()]
+    man_out = {s.get("name"): s for s in manifest.get("output_shards", []) if isinstance(s, dict)}
+    man_src = {s.get("name"): s for s in manifest.get("source", {}).get("files", []) if isinstance(s, dict)}
 
     def job(sp: ShardPlan) -> None:
         local: dict[str, int] = {}
         try:
-            dst_sha[sp.name] = _verify_shard(plan, sp, dst, local, progress)
+            sha = _verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None)
+            if sha is not None:
+                dst_sha[sp.name] = sha
         except _Found as f:
             shard_diffs[sp.name] = f.diff
         with lock:
@@ -111,15 +118,16 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     for sp in plan.shards:
         if sp.name in shard_diffs:
             diffs.append(shard_diffs[sp.name])
-    man_out = {s.get("name"): s for s in manifest.get("output_shards", []) if isinstance(s, dict)}
-    man_src = {s.get("name"): s for s in manifest.get("source", {}).get("files", []) if isinstance(s, dict)}
     for sp in plan.shards:
+        if manifest.get("shard_hashes", True) and man_out.get(sp.name, {}).get("sha256") is None:
+            diffs.append(Difference(str(mpath), None, None, f"no sha256 recorded for {sp.name}"))
         if sp.name in dst_sha and man_out.get(sp.name, {}).get("sha256") != dst_sha[sp.name]:
             diffs.append(Difference(str(mpath), None, None, f"sha256 recorded for {sp.name} does not match the file"))
         if man_src.get(sp.name, {}).get("size") != sp.src_size:
             diffs.append(Difference(str(mpath), None, None, f"source {sp.name} has changed size since conversion"))
     return Report(
-        not diffs, diffs, dict(sorted(counts.items())), plan.src_shard_bytes, plan.out_shard_bytes, time.monotonic() - t0
+        not diffs, diffs, dict(sorted(counts.items())), plan.src_shard_bytes, plan.out_shard_bytes, time.monotonic() - t0,
+        len(dst_sha),
     )
 
 
@@ -185,8 +193,8 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(idx[0]) if idx.size else n
 
 
-def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress) -> str:
-    """Compare one output shard with its source; returns the output's sha256."""
+def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True) -> str | None:
+    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``)."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
@@ -200,7 +208,7 @@ def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: 
             if t is None or t.dtype != dt or t.shape != shape:
                 raise _Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
         raise _Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath)
+    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed)
     sbuf = np.empty(CHUNK, dtype=np.uint8)
     dbuf = np.empty(CHUNK + CHUNK // 3 + 64, dtype=np.uint8)
     try:

@@ -244,3 +244,57 @@ def test_source_is_untouched(src_copy, tmp_path):
     verify(src_copy, tmp_path / "o")
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src_copy.rglob("*") if p.is_file()}
     assert before == after and mtimes == {p: p.stat().st_mtime_ns for p in before}
+
+
+def _shard_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*.safetensors"))}
+
+
+def test_no_hash_writes_the_same_bytes_and_still_verifies(converted, tmp_path):
+    src, ref = converted
+    dst = tmp_path / "nohash"
+    r = subprocess.run([sys.executable, "-m", "repack", "convert", str(src), str(dst), "--no-hash", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _shard_bytes(dst) == _shard_bytes(ref)
+    man = json.loads((dst / "w3repack.json").read_text())
+    assert man["shard_hashes"] is False
+    assert all(s["sha256"] is None for s in man["output_shards"] + man["source"]["files"])
+    rep = verify(src, dst)
+    assert rep.ok and rep.hashes_checked == 0 and rep.to_json()["shard_hashes_checked"] == 0
+    assert verify(src, ref).hashes_checked == len(man["output_shards"])
+
+    shard = max(dst.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    bad = verify(src, dst)
+    assert not bad.ok and shard.name in bad.differences[0].line()
+
+
+def test_hashing_rerun_redoes_unhashed_shards_and_no_hash_rerun_keeps_them(converted, tmp_path):
+    src, ref = converted
+    dst = tmp_path / "o"
+    convert(src, dst, Options(), hashes=False)
+    res = convert(src, dst, Options())
+    assert res.shards_kept == [] and len(res.shards_written) == len(res.plan.shards)
+    man = json.loads((dst / "w3repack.json").read_text())
+    ref_man = json.loads((ref / "w3repack.json").read_text())
+    assert man["shard_hashes"] is True and man["output_shards"] == ref_man["output_shards"]
+    assert man["source"]["files"] == ref_man["source"]["files"]
+    res = convert(src, dst, Options(), hashes=False)
+    assert res.shards_written == [] and len(res.shards_kept) == len(res.plan.shards)
+    assert json.loads((dst / "w3repack.json").read_text())["output_shards"] == ref_man["output_shards"]
+    assert verify(src, dst).ok
+
+
+def test_verify_flags_a_hashed_manifest_that_lost_a_hash(converted, tmp_path):
+    src, ref = converted
+    dst = tmp_path / "copy"
+    shutil.copytree(ref, dst)
+    man = json.loads((dst / "w3repack.json").read_text())
+    victim = man["output_shards"][0]["name"]
+    man["output_shards"][0]["sha256"] = None
+    (dst / "w3repack.json").write_text(json.dumps(man))
+    rep = verify(src, dst)
+    assert not rep.ok and any(f"no sha256 recorded for {victim}" in d.line() for d in rep.differences)
