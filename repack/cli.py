@@ -445,6 +445,11 @@ def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print the r
         ui.out.print(f"{r['name']:<44} {hw['gpus']} x {hw['gpu_memory_gib']:g} GiB cc {hw['compute_capability']}  source {r.get('source_repo', '-')}", markup=False)
 
 
+def _is_click(e: BaseException, name: str) -> bool:
+    """Click's exception classes by name: typer may bring its own copy of click (``typer._click``)."""
+    return any(c.__name__ == name and "click" in c.__module__ for c in type(e).__mro__)
+
+
 def main() -> None:
     """Entry point: run the app; map exceptions to one-line messages and exit codes."""
     interrupted = "interrupted: nothing half-written was kept; run the same command again to resume"
@@ -470,13 +475,11 @@ def main() -> None:
         ui.err.print("aborted", markup=False)
         sys.exit(130)
     except Exception as e:  # click usage errors and anything unforeseen
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if _is_click(e, "ClickException"):
             ui.err.print(f"error: {e.format_message()}", markup=False)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
+        if _is_click(e, "Exit"):
+            sys.exit(getattr(e, "exit_code", 0))
         if _debug["on"]:
             raise
         ui.err.print(f"error: {type(e).__name__}: {e} (run with --debug for a traceback)", markup=False)

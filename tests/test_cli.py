@@ -69,9 +69,18 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_usage_error_exit_2():
-    r = run("convert")
+@pytest.mark.parametrize("args,says", [
+    (["convert"], "Missing"),
+    (["convert", "a", "b", "--workers", "99"], "--workers"),
+    (["nosuchcommand"], "No such command"),
+    (["verify", "a", "b", "--no-such-flag"], "No such option"),
+])
+def test_usage_error_is_one_plain_line_exit_2(args, says):
+    r = run(*args)
     assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+    assert "--debug" not in lines[0] and "Exception" not in lines[0]
 
 
 def test_console_script_and_version():
