@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from repack import __version__
+from repack.errors import UserError
 from repack.plan import MANIFEST_NAME
+from repack.serve import launcher, planner, recipes
 
 ADDED_TAGS = ["w3repack", "gptq", "4-bit"]
 DROPPED_KEYS = {"model-index", "model_index", "base_model_relation", "widget", "eval_results"}
-GPU_GIB = 80
 
 
 def source_metadata(dst: Path) -> tuple[dict, str]:
@@ -40,81 +43,79 @@ def card_metadata(src_meta: dict, source_repo: str | None) -> dict:
     return meta
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+GENERIC = [(1, 80.0, "9.0"), (2, 80.0, "9.0"), (4, 80.0, "9.0"), (8, 80.0, "9.0"), (8, 24.0, "8.6")]
+PLAN_ERRORS = (UserError, KeyError, TypeError, ValueError, ZeroDivisionError)
 
 
-def kv_bytes_per_token(config: dict) -> int | None:
-    """Per-GPU KV cache bytes per token in bf16: MLA latent (not split by TP) or MHA/GQA heads (estimate)."""
-    layers = config.get("num_hidden_layers")
-    if not isinstance(layers, int):
-        return None
-    if isinstance(config.get("kv_lora_rank"), int):
-        return (config["kv_lora_rank"] + int(config.get("qk_rope_head_dim") or 0)) * layers * 2
-    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
-    hidden, nh = config.get("hidden_size"), config.get("num_attention_heads")
-    if not all(isinstance(x, int) for x in (heads, hidden, nh)):
-        return None
-    return 2 * heads * (config.get("head_dim") or hidden // nh) * layers * 2
+class Row(NamedTuple):
+    label: str
+    recipe: bool
+    model: planner.Model
+    req: planner.Request
+    plan: dict
 
 
-def _planner():
-    try:
-        from repack.serve import planner
-    except Exception:
-        return None
-    return planner
+def plan_rows(dst: Path) -> list[Row]:
+    """One planner result per shipped recipe, then per GENERIC setup, with options applied as ``launcher.prepare``
+    does (no nvidia-smi probe). Raises PLAN_ERRORS when planning cannot run, including a config without KV shape."""
+    rows = []
+    for kw in [{"recipe_name": n} for n in recipes.names()] + [{"gpus": n, "gpu_memory": m, "cc": c} for n, m, c in GENERIC]:
+        model, req, rec = launcher.prepare(str(dst), probe=False, **kw)
+        label = f"`{rec['name']}`" if rec else f"generic {req.gpu.count}x{req.gpu.memory_gib:g} GiB"
+        p = planner.plan(model, req)
+        if p["kv_bytes_per_token"] <= 0:
+            raise UserError("config.json gives no KV cache shape (num_hidden_layers with kv_lora_rank, or attention "
+                            "heads and head size)")
+        rows.append(Row(label, rec is not None, model, req, p))
+    return rows
 
 
-def _call(planner, names: tuple[str, ...], *args):
-    for name in names:
-        fn = getattr(planner, name, None)
-        if callable(fn):
-            try:
-                out = fn(*args)
-            except Exception:
-                continue
-            if out:
-                return out
-    return None
+def _short(text: str) -> str:
+    return text.split(". ", 1)[0].rstrip(".")
 
 
-def memory_table(dst: Path, config: dict, weight_bytes: int) -> tuple[str, str]:
-    """(markdown table, where it came from): the serve planner when present, else a per-TP estimate."""
-    planner = _planner()
-    if planner is not None:
-        out = _call(planner, ("card_table", "markdown_table", "plan_table"), dst)
-        if isinstance(out, str):
-            return out.strip(), "planner"
-        plan = _call(planner, ("plan_memory", "plan"), dst)
-        to_md = getattr(plan, "to_markdown", None)
-        if callable(to_md):
-            try:
-                return str(to_md()).strip(), "planner"
-            except Exception:
-                pass
-    kv = kv_bytes_per_token(config)
-    rows = ["| GPUs (tensor parallel) | weights per GPU | left on an 80 GiB GPU (90% usable) | KV cache per token per GPU | tokens that fit |",
-            "|---|---|---|---|---|"]
-    for tp in (1, 2, 4, 8):
-        per = weight_bytes / tp
-        left = GPU_GIB * 2**30 * 0.9 - per
-        mla = isinstance(config.get("kv_lora_rank"), int)
-        kv_gpu = kv if (kv is None or mla) else kv / tp
-        fits = f"{int(left // kv_gpu):,}" if kv_gpu and left > 0 else "0" if left <= 0 else "?"
-        rows.append(f"| {tp} | {_gib(per)} | {_gib(max(left, 0))} | "
-                    + (f"{kv_gpu / 1024:.1f} KiB" if kv_gpu else "?") + f" | {fits} |")
-    return "\n".join(rows), "estimate"
+def memory_section(rows: list[Row]) -> list[str]:
+    """Markdown table of the planner's numbers per row, then each distinct (shortened) warning with its rows."""
+    out = ["| setup | GPUs | cc | weights GiB per GPU | KV bytes per token | max context | fits |",
+           "|---|---|---|---|---|---|---|"]
+    notes: dict[str, list[str]] = {}
+    for r in rows:
+        p, g = r.plan, r.req.gpu
+        out.append(f"| {r.label} | {g.count} x {g.memory_gib:g} GiB | {g.cc} | {p['weights_gib_per_gpu']} | "
+                   f"{p['kv_bytes_per_token']:,} | {p['max_model_len']:,} | {'yes' if p['fits'] else 'no'} |")
+        for w in ([f"does not fit: {p['reason']}"] if not p["fits"] else []) + p["warnings"]:
+            notes.setdefault(_short(w), []).append(r.label)
+    if notes:
+        out += [""] + [f"- {w} ({', '.join(labels)})" for w, labels in notes.items()]
+    return out
 
 
-def serve_command(dst: Path, repo_id: str, config: dict, weight_bytes: int) -> str:
-    planner = _planner()
-    if planner is not None:
-        out = _call(planner, ("vllm_command", "serve_command", "launch_command"), dst, repo_id)
-        if isinstance(out, str):
-            return out.strip()
-    tp = next((t for t in (1, 2, 4, 8) if weight_bytes / t <= 0.7 * GPU_GIB * 2**30), 8)
-    return f"vllm serve {repo_id} --tensor-parallel-size {tp} --max-model-len 8192"
+def serve_choice(rows: list[Row]) -> Row:
+    """The generic row with the least GPU memory in all that fits, else the one with the most (sm90+ for V3.2)."""
+    generic = sorted((r for r in rows if not r.recipe and not (r.model.v32 and r.req.gpu.cc_tuple < (9, 0))),
+                     key=lambda r: (r.req.gpu.count * r.req.gpu.memory_gib, r.req.gpu.count))
+    return next((r for r in generic if r.plan["fits"]), generic[-1])
+
+
+def serve_section(rows: list[Row], repo_id: str) -> list[str]:
+    """``launcher.command`` for ``serve_choice`` with the repo id as MODEL, and how it was chosen."""
+    r = serve_choice(rows)
+    flags = launcher.version_flags(launcher.DEFAULT_VLLM, r.model, r.req.gpu)
+    cmd = shlex.join(launcher.command(repo_id, r.plan, flags))
+    g, p = r.req.gpu, r.plan
+    if p["fits"]:
+        why = (f"The smallest generic setup that fits: {g.count} x {g.memory_gib:g} GiB (cc {g.cc}), "
+               f"max context {p['max_model_len']:,} tokens; flags for vLLM {flags.version}.")
+    else:
+        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']:,})" for a in p["alternatives"][:4])
+        why = (f"No generic setup fits; this is the plan for {g.count} x {g.memory_gib:g} GiB (cc {g.cc}), which does not: "
+               f"{p['reason']}." + (f" Alternatives: {alts}." if alts else ""))
+    return [why, "", "```bash", cmd, "```", ""] + [f"Note (vLLM {flags.version}): {n}.\n" for n in flags.notes]
+
+
+def _launch_hint(repo_id: str) -> str:
+    return (f"For a plan on your own GPUs: `w3repack launch {repo_id} --gpus N -o serve.sh` (after downloading the repo "
+            "into the hub cache, or with a local folder as MODEL) writes a launcher with preflight checks.")
 
 
 def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> str:
@@ -130,13 +131,14 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     src_meta, _ = source_metadata(dst)
     meta = card_metadata(src_meta, source_repo)
     qc = config.get("quantization_config") or {}
-    weight_bytes = int(man.get("total_size") or 0)
     arch = (config.get("architectures") or ["?"])[0]
     name = repo_id.split("/")[-1]
     origin = (f"[{source_repo}](https://huggingface.co/{source_repo}) at revision `{hub.get('revision', 'main')}` "
               f"(commit `{hub.get('commit', '?')}`)" if source_repo else f"a local checkpoint (`{Path(src.get('path', '?')).name}`)")
-    table, table_src = memory_table(dst, config, weight_bytes)
-    cmd = serve_command(dst, repo_id, config, weight_bytes)
+    try:
+        rows, plan_error = plan_rows(dst), None
+    except PLAN_ERRORS as e:
+        rows, plan_error = [], str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
     out = ["---", ModelCardData(**meta).to_yaml().rstrip(), "---", "", f"# {name}", ""]
     out += [f"4-bit GPTQ repack of {origin}, made losslessly with w3repack {man.get('tool_version', __version__)} "
@@ -158,11 +160,15 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
         out += ["", f"{len(floats)} modules (e.g. `{floats[0]}`) are stored as their exactly dequantized float32 weights "
                 "and marked unquantized, which avoids a vLLM MLA crash on long prompts with a quantized `kv_b_proj`."]
     out += ["", "### Verification", ""]
+    verify_report = verify_report or man.get("verify")
     if verify_report:
         tensors = verify_report.get("tensors_checked") or verify_report.get("tensors") or {}
         status = "identical" if verify_report.get("ok") else "DIFFERENT"
+        scope = verify_report.get("scope")
+        if scope:
+            scope = f" Scope: {scope}; {verify_report.get('shards', '?')} of {verify_report.get('of_shards', '?')} shards."
         out += [f"`w3repack verify` against the source: **{status}**, {sum(tensors.values())} tensors compared bit for bit ("
-                + ", ".join(f"{k}: {v}" for k, v in tensors.items()) + ")."]
+                + ", ".join(f"{k}: {v}" for k, v in tensors.items()) + ")." + (scope or "")]
     else:
         out += ["Re-check it with `w3repack verify <source> <this checkpoint>`: a bitwise round trip over every byte."]
     out += ["", "sha256 of every shard (also in `w3repack.json`):", "", "| shard | source sha256 | output sha256 |", "|---|---|---|"]
@@ -170,11 +176,17 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     for s in man.get("output_shards") or []:
         out.append(f"| {s.get('name')} | `{srcs.get(s.get('name')) or 'not recorded'}` | `{s.get('sha256') or 'not recorded'}` |")
     out += ["", "## Memory plan", ""]
-    if table_src == "estimate":
-        out += [f"Estimate from the checkpoint size ({_gib(weight_bytes)} of weights) and the KV cache shape of the config; "
-                "run `w3repack launch` on your machine for a plan with your GPUs.", ""]
-    out += [table, "", "## Serve with vLLM", "", "```bash", cmd, "```", "",
-            "vLLM >= 0.17 detects the config by itself: no `--quantization` flag is needed.", ""]
+    if rows:
+        out += ["From `w3repack plan` (shard headers and config.json; stated allowances for activations, CUDA graphs and "
+                 "NCCL) for every recipe shipped with w3repack and a few generic setups.", ""] + memory_section(rows)
+    else:
+        out += [f"The planner could not run, so there is no memory plan: {plan_error}"]
+    out += ["", "## Serve with vLLM", ""]
+    if rows:
+        out += serve_section(rows, repo_id)
+    else:
+        out += ["```bash", f"vllm serve {shlex.quote(repo_id)} --tensor-parallel-size N --max-model-len LEN", "```", ""]
+    out += [_launch_hint(repo_id), "", "vLLM >= 0.17 detects the config by itself: no `--quantization` flag is needed.", ""]
     out += ["## License", ""]
     lic = meta.get("license")
     if lic:

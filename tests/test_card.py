@@ -1,0 +1,180 @@
+"""The hub model card carries the serve planner's numbers and the launcher's command; push uploads what it says."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from repack import card, hub
+from repack.convert import convert
+from repack.plan import MANIFEST_NAME, Options
+from repack.serve import launcher, planner, recipes
+from repack.verify import verify
+
+REPO = "me/tiny-w4"
+
+
+@pytest.fixture(scope="module")
+def converted(traps_ckpt, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("card") / "out"
+    convert(traps_ckpt, dst, Options(), workers=1)
+    return dst
+
+
+@pytest.fixture
+def out_copy(converted, tmp_path) -> Path:
+    return Path(shutil.copytree(converted, tmp_path / "out"))
+
+
+def expected_rows(dst: Path) -> dict[str, tuple[planner.Model, planner.Request, dict]]:
+    """Label -> (model, request, plan), built here from the recipe TOML and the GPU facts, not through the card."""
+    model = planner.load_model(dst)
+    rows = {}
+    for name in recipes.names():
+        r = recipes.load(name)
+        hw, sv = r["hardware"], r["serve"]
+        gpu = planner.Gpu(hw["gpus"], hw["gpu_memory_gib"], hw["compute_capability"], hw.get("gpu_name"))
+        req = planner.Request(tp=hw["gpus"], gpu=gpu, max_model_len=sv.get("max_model_len"),
+                              kv_cache_dtype=sv.get("kv_cache_dtype", "auto"),
+                              utilization=sv.get("gpu_memory_utilization", planner.DEFAULT_UTILIZATION),
+                              cpu_offload_gib=sv.get("cpu_offload_gb", 0.0), consumer_pcie=hw.get("consumer_pcie"),
+                              extra_args=sv.get("extra_args", []))
+        rows[f"`{name}`"] = (model, req, planner.plan(model, req))
+    for n, mem, cc in [(1, 80.0, "9.0"), (2, 80.0, "9.0"), (4, 80.0, "9.0"), (8, 80.0, "9.0"), (8, 24.0, "8.6")]:
+        req = planner.Request(tp=n, gpu=planner.Gpu(n, mem, cc))
+        rows[f"generic {n}x{mem:g} GiB"] = (model, req, planner.plan(model, req))
+    return rows
+
+
+def table(text: str) -> dict[str, list[str]]:
+    body = text.split("## Memory plan", 1)[1].split("## Serve with vLLM", 1)[0]
+    lines = [ln for ln in body.splitlines() if ln.startswith("| ") and not ln.startswith("| setup")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+
+
+def test_memory_table_carries_the_planners_numbers(converted):
+    text = card.build_card(converted, REPO)
+    rows, want = table(text), expected_rows(converted)
+    assert list(rows) == list(want)
+    for label, (_, req, p) in want.items():
+        gpus, cc, weights, kv, ctx, fits = rows[label]
+        assert (gpus, cc) == (f"{req.gpu.count} x {req.gpu.memory_gib:g} GiB", req.gpu.cc), label
+        assert float(weights) == p["weights_gib_per_gpu"], label
+        assert int(kv.replace(",", "")) == p["kv_bytes_per_token"], label
+        assert int(ctx.replace(",", "")) == p["max_model_len"], label
+        assert fits == ("yes" if p["fits"] else "no"), label
+        for w in p["warnings"]:
+            assert text.count(w.split(". ", 1)[0].rstrip(".")) == 1, w
+    cfg = json.loads((converted / "config.json").read_text())
+    mla = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * cfg["num_hidden_layers"] * 2
+    assert {int(r[3].replace(",", "")) for r in rows.values()} == {mla}
+    assert rows["generic 1x80 GiB"][4:] == [f"{cfg['max_position_embeddings']:,}", "yes"]
+    assert rows["`deepseek-v3.2-reap-345b-w3a16-8xa100-40g`"][4:] == ["65,536", "no"]
+    assert "no memory plan" not in text
+
+
+def test_serve_command_is_the_launchers_for_the_smallest_fitting_setup(converted):
+    text = card.build_card(converted, REPO)
+    model, req, p = expected_rows(converted)["generic 1x80 GiB"]
+    assert p["fits"]
+    argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))
+    serve = text.split("## Serve with vLLM", 1)[1]
+    assert serve.split("```bash\n", 1)[1].split("\n```", 1)[0] == shlex.join(argv)
+    assert argv[:5] == ["vllm", "serve", REPO, "--tensor-parallel-size", "1"]
+    assert f"w3repack launch {REPO} --gpus N -o serve.sh" in serve
+
+
+def test_serve_command_when_no_generic_setup_fits(converted, monkeypatch):
+    monkeypatch.setattr(card, "GENERIC", [(2, 1.6, "9.0"), (8, 1.6, "9.0"), (4, 1.6, "9.0")])
+    text = card.build_card(converted, REPO)
+    model = planner.load_model(converted)
+    req = planner.Request(tp=8, gpu=planner.Gpu(8, 1.6, "9.0"))
+    p = planner.plan(model, req)
+    assert not p["fits"] and p["alternatives"]
+    argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))
+    assert f"```bash\n{shlex.join(argv)}\n```" in text
+    assert "No generic setup fits" in text and p["reason"] in text
+    assert f"Alternatives: {p['alternatives'][0]['description']}" in text
+
+
+def test_no_memory_plan_when_the_config_has_no_kv_shape(out_copy):
+    cfg = json.loads((out_copy / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (out_copy / "config.json").write_text(json.dumps(cfg))
+    text = card.build_card(out_copy, REPO)
+    assert "no memory plan: config.json gives no KV cache shape" in text
+    assert not table(text) and "--max-model-len LEN" in text
+
+
+def test_verification_from_argument_then_manifest_then_hint(out_copy, traps_ckpt):
+    assert "Re-check it with `w3repack verify" in card.build_card(out_copy, REPO)
+    rep = verify(traps_ckpt, out_copy).to_json()
+    assert rep["ok"]
+    man = json.loads((out_copy / MANIFEST_NAME).read_text())
+    man["verify"] = rep
+    (out_copy / MANIFEST_NAME).write_text(json.dumps(man))
+    n = sum(rep["tensors_checked"].values())
+    text = card.build_card(out_copy, REPO)
+    assert f"**identical**, {n} tensors" in text and "Re-check it" not in text
+    text = card.build_card(out_copy, REPO, verify_report={**rep, "ok": False})
+    assert f"**DIFFERENT**, {n} tensors" in text
+
+
+def test_unrecorded_hashes_read_not_recorded(traps_ckpt, tmp_path):
+    dst = tmp_path / "nohash"
+    convert(traps_ckpt, dst, Options(), workers=1, hashes=False)
+    man = json.loads((dst / MANIFEST_NAME).read_text())
+    assert all(s["sha256"] is None for s in man["output_shards"])
+    text = card.build_card(dst, REPO)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| model-")]
+    assert len(rows) == len(man["output_shards"])
+    assert all(ln.count("`not recorded`") == 2 for ln in rows)
+
+
+def test_push_creates_private_repo_uploads_folder_then_card(out_copy, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, *a, **kw):
+            pass
+
+        def create_repo(self, *args, **kw):
+            calls.append(("create_repo", args, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", (), kw))
+
+        def upload_file(self, **kw):
+            calls.append(("upload_file", (), kw))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
+
+    folder_op = "upload_folder"
+    if hasattr(huggingface_hub.HfApi, "upload_large_folder"):
+        folder_op = "upload_large_folder"
+        FakeApi.upload_large_folder = lambda self, **kw: calls.append(("upload_large_folder", (), kw))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    (out_copy / ".w3repack").mkdir(exist_ok=True)
+    (out_copy / ".w3repack" / "state.json").write_text("{}")
+    (out_copy / ".hidden").write_text("x")
+
+    summary = hub.push(out_copy, REPO, private=True)
+    assert [c[0] for c in calls] == ["create_repo", folder_op, "upload_file"]
+    assert calls[0][1] == (REPO,) and calls[0][2] == {"repo_type": "model", "private": True, "exist_ok": True}
+    up = calls[1][2]
+    assert (up["repo_id"], up["folder_path"], up["repo_type"]) == (REPO, str(out_copy), "model")
+    files = sorted(p.relative_to(out_copy).as_posix() for p in out_copy.rglob("*") if p.is_file())
+    kept = set(filter_repo_objects(files, ignore_patterns=up["ignore_patterns"]))
+    assert kept == {f for f in files if not f.startswith(".") and f != "README.md"}
+    assert "README.md" in files and {p.name for p in out_copy.glob("*.safetensors")} <= kept
+    text = card.build_card(out_copy, REPO)
+    f = calls[2][2]
+    assert (f["path_in_repo"], f["repo_id"], f["repo_type"]) == ("README.md", REPO, "model")
+    assert f["path_or_fileobj"] == text.encode() == summary["card"].encode()
+    assert "## Memory plan" in text and summary["private"] and summary["url"].endswith("/commit/abc")
