@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 from repack import __version__, ui
-from repack.errors import Mismatch, UserError
+from repack.errors import Mismatch, NothingToDo, UserError
 
 app = typer.Typer(
     name="w3repack",
@@ -466,9 +466,14 @@ def main() -> None:
         msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(e))
         ui.err.print(f"error: {msg}", markup=False)
         sys.exit(2)
+    except NothingToDo as e:
+        ui.out.print(str(e), markup=False)
+        sys.exit(0)
     except KeyboardInterrupt:
         ui.err.print(interrupted, markup=False)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # a worker blocked in a hub download would hold up the interpreter's exit
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -31,6 +31,7 @@ from repack.stream import (
 )
 
 STATE_NAME = "state.json"
+STOP_GRACE_S = 5.0
 Progress = Callable[[int], None]
 
 
@@ -81,8 +82,8 @@ def load_state(dst: Path) -> dict | None:
 def prepare_dst(plan: Plan, dst: Path, overwrite: bool, hashes: bool = True) -> dict[str, dict]:
     """Decide what in DST can be kept. Returns finished shards ``{name: {"sha256", "source_sha256"}}``.
 
-    A finished shard is kept when its size is the planned one and, if ``hashes``, its recorded sha256 checks
-    out (a shard recorded without one is redone). Final names only ever hold complete, fsynced shards.
+    A finished shard is kept when its size is the planned one and its recorded sha256 checks out; one recorded
+    without a sha256 is kept only when ``hashes`` is off. Final names only ever hold complete, fsynced shards.
     """
     if dst.exists() and not dst.is_dir():
         raise UserError(f"destination {dst} exists and is not a directory")
@@ -104,6 +105,13 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool, hashes: bool = True) -> 
             else:
                 child.unlink()
         return {}
+    foreign = foreign_files(plan, dst)
+    if foreign:
+        if not overwrite:
+            raise UserError(f"destination {dst} holds an earlier run of this conversion plus files it did not write "
+                            f"(e.g. {foreign[0]}); remove them or pass --overwrite")
+        for rel in foreign:
+            (dst / rel).unlink()
     finished = state.get("finished")
     if not finished:  # a finished output: its manifest lists output and source hashes separately
         files = (state.get("source") or {}).get("files") or []
@@ -121,9 +129,24 @@ def prepare_dst(plan: Plan, dst: Path, overwrite: bool, hashes: bool = True) -> 
         if name not in sizes or not p.is_file() or p.stat().st_size != sizes[name]:
             continue
         sha = rec.get("sha256")
-        if not hashes or (isinstance(sha, str) and sha256_file(p) == sha):
+        if sha256_file(p) == sha if isinstance(sha, str) else not hashes:
             kept[name] = {"sha256": sha, "source_sha256": rec.get("source_sha256")}
     return kept
+
+
+def foreign_files(plan: Plan, dst: Path) -> list[str]:
+    """Files in DST (outside ``.w3repack/``) that this conversion would not write, nor its temporary names."""
+    ours = {s.name for s in plan.shards} | set(plan.metadata_files()) | set(plan.extra_files) | {MANIFEST_NAME}
+    out = []
+    for dirpath, dirnames, files in os.walk(dst):
+        rel_dir = Path(dirpath).relative_to(dst)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d != STATE_DIR]
+        for fn in files:
+            tmp_of = fn[1:-len(".w3repack-tmp")] if fn.startswith(".") and fn.endswith(".w3repack-tmp") else None
+            if str(rel_dir / fn) not in ours and (tmp_of is None or str(rel_dir / tmp_of) not in ours):
+                out.append(str(rel_dir / fn))
+    return sorted(out)
 
 
 def check_space(plan: Plan, dst: Path, kept: dict) -> None:
@@ -166,14 +189,17 @@ def convert(
     before_shard: Callable[[ShardPlan], None] | None = None,
     after_shard: Callable[[ShardPlan], None] | None = None,
     hashes: bool = True,
+    finish_manifest: Callable[[dict], None] | None = None,
 ) -> Result:
     """``before_shard(sp)`` runs in the worker before shard ``sp`` is read; ``after_shard(sp)`` once it is recorded finished.
 
     ``hashes=False`` skips the sha256 of source and output shards (the manifest records None): the output bytes
-    are the same, and ``verify`` still compares every byte with the source.
+    are the same, and ``verify`` still compares every byte with the source. ``finish_manifest(m)`` may add to
+    the manifest before it is written (while ``DST/.w3repack`` still exists).
     """
     try:
-        return _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard, after_shard, hashes)
+        return _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard, after_shard, hashes,
+                        finish_manifest)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(
@@ -183,7 +209,8 @@ def convert(
         raise UserError(f"{e.filename or dst}: {e.strerror or e}") from e
 
 
-def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard=None, after_shard=None, hashes=True) -> Result:
+def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before_shard=None, after_shard=None, hashes=True,
+             finish_manifest=None) -> Result:
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     if plan is None:
@@ -212,26 +239,28 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
         if after_shard is not None:
             after_shard(sp)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w3repack") as ex:
-        futures = [ex.submit(job, sp) for sp in sorted(todo, key=lambda s: -s.src_size)]
-        try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    stop.set()
-                    raise f.exception()
-        except BaseException:
-            stop.set()
-            for f in futures:
-                f.cancel()
-            wait(futures)
-            raise
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w3repack")
+    futures = [ex.submit(job, sp) for sp in sorted(todo, key=lambda s: -s.src_size)]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()
+    except BaseException:
+        stop.set()
+        ex.shutdown(wait=False, cancel_futures=True)
+        # shard workers see `stop` within a chunk; a hub download may not (wait() never sees a cancelled future done)
+        wait([f for f in futures if not f.cancelled()], timeout=STOP_GRACE_S)
+        raise
+    ex.shutdown()
     extra = {}
     for rel in plan.extra_files:
         extra[rel] = copy_file_atomic(plan.ckpt.root / rel, dst / rel, stop)
     for name, data in plan.metadata_files().items():
         atomic_write(dst / name, data)
     manifest = build_manifest(plan, state.finished, extra)
+    if finish_manifest is not None:
+        finish_manifest(manifest)
     atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
     shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
     fsync_dir(dst)

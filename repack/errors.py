@@ -11,3 +11,7 @@ class FormatError(UserError):
 
 class Mismatch(Exception):
     """Verification found a difference; exit code 1."""
+
+
+class NothingToDo(Exception):
+    """The requested work is already done; shown as one line, exit code 0."""

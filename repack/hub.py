@@ -28,6 +28,7 @@ from repack.safetensors_io import MAX_HEADER, Header, _check_tiling, _parse_entr
 from repack.stream import atomic_write
 
 HEADERS_DIR = "hub-headers"
+VERIFIED_DIR = "hub-verified"
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot"]
 UPLOAD_IGNORE = [".*", ".*/**", "**/.*", "**/.*/**", "README.md"]
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -82,7 +83,7 @@ def hub_errors(what: str):
         raise UserError(f"{what}: revision not found") from e
     except he.LocalEntryNotFoundError as e:
         hint = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
-        raise UserError(f"{what}: not in the local hub cache and {hint}") from e
+        raise UserError(f"{what}: no such local folder, not in the local hub cache, and {hint}") from e
     except he.EntryNotFoundError as e:
         raise UserError(f"{what}: no such file in the repository") from e
     except he.OfflineModeIsEnabled as e:
@@ -122,6 +123,7 @@ def snapshot_from_cache(src: str) -> Path:
 
 def open_hub(src: str, revision: str | None = None) -> HubSource:
     """Fetch config, index and the small files of ``org/name[@revision]``; pin the commit. No shard is fetched."""
+    _quiet_hub()
     parsed = parse_repo_id(src)
     if parsed is None:
         raise UserError(f"{src}: not a hub repo id (org/name[@revision])")
@@ -243,7 +245,8 @@ def _missing_offline(hs: HubSource, name: str, dst: Path) -> str:
     except (OSError, ValueError, AttributeError):
         done = False
     if done:
-        return f"{dst} is already a finished conversion of {hs.repo}@{hs.commit} (its source shards were deleted); nothing to do"
+        return (f"{dst} is a finished conversion of {hs.repo}@{hs.commit} with other options, and the source shards "
+                "are not in the cache (HF_HUB_OFFLINE is set): cannot convert again")
     return f"{hs.repo}@{hs.commit}: shard {name} is not in the hub cache and HF_HUB_OFFLINE is set: its header cannot be read"
 
 
@@ -373,10 +376,10 @@ def _linked_elsewhere(repo_cache: Path, blob: Path, this: Path) -> bool:
 
 class ShardFetcher:
     """Convert hooks: fetch each source shard before it is read (one download at a time); afterwards save its
-    header into DST and, with ``delete``, drop it from the cache."""
+    header into DST and, with ``delete``, verify the output shard against it bit for bit, then drop it from the cache."""
 
-    def __init__(self, hs: HubSource, dst: Path, delete: bool):
-        self.hs, self.dst, self.delete = hs, dst, delete
+    def __init__(self, hs: HubSource, dst: Path, delete: bool, plan: Plan | None = None):
+        self.hs, self.dst, self.delete, self.plan = hs, dst, delete, plan
         self.lock = threading.Lock()
 
     def before(self, sp: ShardPlan) -> None:
@@ -390,7 +393,53 @@ class ShardFetcher:
         saved.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(saved, self.hs.prefixes[sp.name])
         if self.delete:
+            if self.plan is not None:
+                self._verify(sp)
             delete_cached(self.hs, sp.name)
+
+    def _verify(self, sp: ShardPlan) -> None:
+        """The full per-tensor round trip of ``w3repack verify`` for one shard, while its source still exists."""
+        from repack.convert import load_state
+        from repack.errors import Mismatch
+        from repack.verify import Found, verify_shard
+
+        counts: dict[str, int] = {}
+        recorded = ((load_state(self.dst) or {}).get("finished") or {}).get(sp.name, {}).get("sha256")
+        try:
+            sha = verify_shard(self.plan, sp, self.dst, counts, lambda n: None, hashed=recorded is not None)
+        except Found as f:
+            raise Mismatch(f"{f.diff.line()} (the cached source shard is kept)") from None
+        if recorded is not None and recorded != sha:
+            raise Mismatch(f"{self.dst / sp.name}: sha256 differs from the one recorded while writing it")
+        rec = {"tensors_checked": counts, "sha256_checked": recorded is not None}
+        atomic_write(self.dst / STATE_DIR / VERIFIED_DIR / sp.name, json.dumps(rec).encode())
+
+    def finish_manifest(self, manifest: dict) -> None:
+        """Name the hub source; with ``delete``, sum the per-shard verifications (kept across resumed runs).
+
+        A shard kept from a run killed between finishing and verifying it is verified here, its source still cached.
+        """
+        manifest.setdefault("source", {})["hub"] = self.hs.ref()
+        if not self.delete or self.plan is None:
+            return
+        tensors: dict[str, int] = {}
+        shards = hashed = 0
+        for sp in self.plan.shards:
+            if not (self.dst / STATE_DIR / VERIFIED_DIR / sp.name).exists() and (self.hs.root / sp.name).is_file():
+                self._verify(sp)
+            try:
+                rec = json.loads((self.dst / STATE_DIR / VERIFIED_DIR / sp.name).read_text())
+            except (OSError, ValueError):
+                continue
+            shards += 1
+            hashed += bool(rec.get("sha256_checked"))
+            for k, v in (rec.get("tensors_checked") or {}).items():
+                tensors[k] = tensors.get(k, 0) + int(v)
+        manifest["verify"] = {
+            "ok": True, "scope": "each output shard against its source shard, before the source shard was deleted",
+            "shards": shards, "of_shards": len(self.plan.shards), "tensors_checked": dict(sorted(tensors.items())),
+            "shard_hashes_checked": hashed,
+        }
 
 
 def convert_hub(src: str, dst: Path, options: Options, workers=None, overwrite=False, delete_source_shards=False,
@@ -398,28 +447,66 @@ def convert_hub(src: str, dst: Path, options: Options, workers=None, overwrite=F
     """Plan from configs and headers, check space, then fetch and convert shard by shard.
 
     ``progress(total)`` is a context manager yielding a byte-progress callback."""
-    from huggingface_hub.utils import disable_progress_bars
-
     from repack.convert import convert, default_workers
 
+    _quiet_hub()
     hs = open_hub(src, revision)
+    _already_done(hs, dst, options)
     plan = hub_plan(hs, dst, options)
     if workers is None:
         workers = 1 if delete_source_shards else default_workers()
     check_hub_space(plan, hs, dst, delete_source_shards, workers)
-    disable_progress_bars()
-    fetcher = ShardFetcher(hs, dst, delete_source_shards)
+    remove_stale_downloads(hs)
+    fetcher = ShardFetcher(hs, dst, delete_source_shards, plan)
     with (progress or (lambda total: contextlib.nullcontext(None)))(plan.src_shard_bytes) as adv:
         res = convert(hs.root, dst, options, workers=workers, overwrite=overwrite, progress=adv, plan=plan,
-                      before_shard=fetcher.before, after_shard=fetcher.after, hashes=hashes)
+                      before_shard=fetcher.before, after_shard=fetcher.after, hashes=hashes,
+                      finish_manifest=fetcher.finish_manifest)
     if delete_source_shards:
         for sp in plan.shards:
             delete_cached(hs, sp.name)
-    manifest = json.loads((dst / MANIFEST_NAME).read_text())
-    manifest.setdefault("source", {})["hub"] = hs.ref()
-    atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
-    res.manifest = manifest
     return res
+
+
+def _quiet_hub() -> None:
+    """No progress bars or retry chatter from huggingface_hub: the CLI prints one line per outcome."""
+    from huggingface_hub.utils import disable_progress_bars, logging
+
+    disable_progress_bars()
+    logging.set_verbosity_error()
+
+
+def remove_stale_downloads(hs: HubSource, older_than_s: float = 60.0) -> int:
+    """Delete this repo's ``blobs/*.incomplete`` files untouched for ``older_than_s``: left by a killed run.
+
+    huggingface_hub downloads into a per-process temporary file and cannot resume it, so a shard cut off
+    mid-download is fetched again from its start; finished shards are never fetched again.
+    """
+    import time
+
+    freed = 0
+    for p in (hs.repo_cache / "blobs").glob("*.incomplete"):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            if time.time() - st.st_mtime > older_than_s:
+                p.unlink()
+                freed += st.st_size
+    return freed
+
+
+def _already_done(hs: HubSource, dst: Path, options: Options) -> None:
+    """Offline, with the source shards deleted, a finished conversion cannot be re-planned: say it is done."""
+    from repack.errors import NothingToDo
+
+    if not _offline() or all((hs.root / n).is_file() for n in hs.shard_names):
+        return
+    try:
+        man = json.loads((dst / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if (isinstance(man, dict) and man.get("complete") is True and man.get("options") == options.to_json()
+            and (man.get("source") or {}).get("hub", {}).get("commit") == hs.commit):
+        raise NothingToDo(f"{dst} is already a finished conversion of {hs.repo}@{hs.commit} with these options; nothing to do")
 
 
 @dataclass

@@ -218,4 +218,5 @@ def copy_file_atomic(src: Path, dst: Path, stop: threading.Event | None = None) 
                 out = out[fo.write(out):]
         os.fsync(fo.fileno())
     os.replace(tmp, dst)
+    fsync_dir(dst.parent)
     return h.hexdigest()

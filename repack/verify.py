@@ -70,7 +70,9 @@ class Report:
         }
 
 
-class _Found(Exception):
+class Found(Exception):
+    """The first difference in a shard, raised out of the per-tensor loop."""
+
     def __init__(self, diff: Difference):
         self.diff = diff
 
@@ -103,10 +105,10 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     def job(sp: ShardPlan) -> None:
         local: dict[str, int] = {}
         try:
-            sha = _verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None)
+            sha = verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None)
             if sha is not None:
                 dst_sha[sp.name] = sha
-        except _Found as f:
+        except Found as f:
             shard_diffs[sp.name] = f.diff
         with lock:
             for k, v in local.items():
@@ -193,21 +195,21 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(idx[0]) if idx.size else n
 
 
-def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True) -> str | None:
+def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True) -> str | None:
     """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``)."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
         h = read_header(dpath)
     except UserError as e:
-        raise _Found(Difference(dname, None, None, f"unreadable output shard: {e}")) from None
+        raise Found(Difference(dname, None, None, f"unreadable output shard: {e}")) from None
     if h.file_size != sp.out_size or h.data_offset != sp.data_offset:
         expected = {o.out_name: (o.out_dtype, o.out_shape) for o in sp.ops if o.out_name}
         for name, (dt, shape) in expected.items():
             t = h.tensors.get(name)
             if t is None or t.dtype != dt or t.shape != shape:
-                raise _Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
-        raise _Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
+                raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
+        raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
     sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed)
     sbuf = np.empty(CHUNK, dtype=np.uint8)
     dbuf = np.empty(CHUNK + CHUNK // 3 + 64, dtype=np.uint8)
@@ -217,7 +219,7 @@ def _verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: 
         want = np.frombuffer(sp.prefix, dtype=np.uint8)
         if not np.array_equal(head, want):
             off = _first_diff(want, head)
-            raise _Found(Difference(dname, None, off, "header bytes differ from the planned header"))
+            raise Found(Difference(dname, None, off, "header bytes differ from the planned header"))
         for op in sp.ops:
             _verify_op(plan, sp, op, sr, dr, sbuf, dbuf, dname)
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
@@ -238,7 +240,7 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
             a = np.frombuffer(sr.read_into(memoryview(sbuf)[:n]), dtype=np.uint8)
             b = np.frombuffer(dr.read_into(memoryview(dbuf)[:n]), dtype=np.uint8)
             if not np.array_equal(a, b):
-                raise _Found(Difference(dname, op.out_name, base + done + _first_diff(a, b), "passthrough bytes differ from the source"))
+                raise Found(Difference(dname, op.out_name, base + done + _first_diff(a, b), "passthrough bytes differ from the source"))
             done += n
     elif op.op is Op.DROP:
         sr.read(t.nbytes) if t.nbytes <= CHUNK else _skip(sr, sbuf, t.nbytes)
@@ -247,10 +249,10 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
         src_z = np.frombuffer(sr.read(t.nbytes), dtype=np.uint32)
         out_z = np.frombuffer(dr.read(op.out_nbytes), dtype=np.uint8)
         if not np.array_equal(src_z, codec.sym_qzeros(t.shape[0], m.n, m.bits).view(np.uint32).reshape(-1)):
-            raise _Found(Difference(str(plan.ckpt.root / sp.name), t.name, None, "source zero points are not symmetric"))
+            raise Found(Difference(str(plan.ckpt.root / sp.name), t.name, None, "source zero points are not symmetric"))
         want = codec.sym_qzeros(t.shape[0], m.n, 4).view(np.uint8).reshape(-1)
         if not np.array_equal(out_z, want):
-            raise _Found(Difference(dname, op.out_name, base + _first_diff(want, out_z), "4-bit zero points are not symmetric 0x77777777"))
+            raise Found(Difference(dname, op.out_name, base + _first_diff(want, out_z), "4-bit zero points are not symmetric 0x77777777"))
     elif op.op is Op.TRANSCODE:
         m = op.module
         row = m.n * 4
@@ -267,7 +269,7 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
                 expect = codec.transcode_to4(a, m.bits)
                 off = base + done * 32 // m.bits * m.n // 8 * 4 + _first_diff(expect, b)
                 why = "4-bit codes outside the source range" if not ok else f"codes minus {8 - (1 << (m.bits - 1))} differ from the source"
-                raise _Found(Difference(dname, op.out_name, off, why))
+                raise Found(Difference(dname, op.out_name, off, why))
             done += r
     elif op.op is Op.DEQUANT:
         m = op.module
@@ -281,7 +283,7 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
             want = codec.dequantize(qweight[:, c0:c1], qzeros[:, zw(c0) : zw(c1)], scales[:, c0:c1], m.bits, m.group_size)
             have = np.frombuffer(dr.read(want.nbytes), dtype=np.float32).reshape(want.shape)
             if not np.array_equal(want.view(np.uint32), have.view(np.uint32)):
-                raise _Found(Difference(dname, op.out_name, base + c0 * m.k * 4 + _first_diff(want, have), "float weight differs from the exact dequantization"))
+                raise Found(Difference(dname, op.out_name, base + c0 * m.k * 4 + _first_diff(want, have), "float weight differs from the exact dequantization"))
     else:  # pragma: no cover
         raise AssertionError(op.op)
 

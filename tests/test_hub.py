@@ -180,7 +180,16 @@ def test_sigkill_mid_run_then_resume(source, hf_home, tmp_path):
     assert rep.ok, rep.differences[0].line()
 
     r = cli(hf_home, "convert", REPO, dst, "--delete-source-shards")
-    assert r.returncode == 2 and "already a finished conversion" in r.stderr
+    assert r.returncode == 0 and "already a finished conversion" in r.stdout and "nothing to do" in r.stdout, r.stderr
+    man = json.loads((dst / "w3repack.json").read_text())
+    assert man["verify"]["ok"] is True and man["verify"]["shards"] == man["verify"]["of_shards"] == out["shards"]
+    assert sum(man["verify"]["tensors_checked"].values()) > 0
+    r = cli(hf_home, "push", dst, "me/tiny-w4", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    n = out["shards"]
+    assert "**identical**" in r.stdout and f"before the source shard was deleted; {n} of {n} shards" in r.stdout
+    r = cli(hf_home, "convert", REPO, dst, "--delete-source-shards", "--quant-method", "gptq")
+    assert r.returncode == 2 and "with other options" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_missing_shard_offline_is_refused_before_any_work(source, hf_home, tmp_path):
@@ -353,3 +362,42 @@ def test_delete_cached_blob_first_and_shared_blobs_kept(tmp_path):
     # killed between blob and link: the dangling link is removed on the next run
     (a / "x.safetensors").symlink_to("../../blobs/s1")
     assert delete_cached(hs, "x.safetensors") == 0 and not (a / "x.safetensors").is_symlink()
+
+
+def test_stale_partial_downloads_are_removed_fresh_ones_kept(source, hf_home, tmp_path):
+    blobs = hf_home / "hub" / ("models--" + REPO.replace("/", "--")) / "blobs"
+    stale, fresh = blobs / "abc.1234abcd.incomplete", blobs / "def.5678ef01.incomplete"
+    stale.write_bytes(b"\0" * 1000)
+    fresh.write_bytes(b"\0" * 10)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    r = cli(hf_home, "convert", REPO, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists() and fresh.exists()
+
+
+def test_interrupt_does_not_wait_for_a_stuck_download(tmp_path, monkeypatch):
+    """A worker blocked in a hook (a hub download never checks the stop flag) must not hold up Ctrl-C."""
+    import signal as sig
+    import threading
+
+    from repack import convert as convert_mod
+    from repack.convert import convert
+    from repack.plan import Options
+
+    monkeypatch.setattr(convert_mod, "STOP_GRACE_S", 1.0)
+
+    src = synth.write_checkpoint(tmp_path / "src", synth.TinySpec.small(shard_bytes=64 << 10))
+    release = threading.Event()
+    sig.signal(sig.SIGALRM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sig.setitimer(sig.ITIMER_REAL, 0.3)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, tmp_path / "dst", Options(), workers=2, before_shard=lambda sp: release.wait(60))
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        sig.signal(sig.SIGALRM, sig.SIG_DFL)
+    assert took < 3, took

@@ -365,3 +365,40 @@ def test_disk_filling_up_mid_run_is_a_clean_refusal_and_resumes(big, tiny_fs):
     assert json.loads(r.stdout)["shards_kept"] == len(done)
     assert_clean_result(dst, ref)
     assert tree_hashes(src) == before
+
+
+def test_foreign_files_in_an_earlier_run_are_refused_or_removed_with_overwrite(src_copy, tmp_path):
+    dst = tmp_path / "dst"
+    assert cli("convert", src_copy, dst).returncode == 0
+    want = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    (dst / "notes.txt").write_text("mine\n")
+    (dst / "sub").mkdir(exist_ok=True)
+    (dst / "sub" / "junk.safetensors").write_bytes(b"x")
+    line = assert_refused(cli("convert", src_copy, dst), "did not write", "--overwrite")
+    assert "sub/junk.safetensors" in line or "notes.txt" in line
+    assert (dst / "notes.txt").exists()
+    r = cli("convert", src_copy, dst, "--overwrite", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shards_written"] == 0
+    assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == want
+
+
+def test_free_space_refusal_without_root(src_copy, tmp_path, monkeypatch, capsys):
+    """The check runs before any byte is written and names both numbers (disk_usage patched, in process)."""
+    from collections import namedtuple
+
+    from repack import cli as cli_mod
+    from repack.checkpoint import open_checkpoint
+    from repack.plan import Options, build_plan
+
+    need = build_plan(open_checkpoint(src_copy), Options()).out_total_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, need - 1))
+    dst = tmp_path / "dst"
+    monkeypatch.setattr(sys, "argv", ["w3repack", "convert", str(src_copy), str(dst)])
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not enough free space" in err[0] and f"{need:,} more bytes" in err[0] and f"{need - 1:,}" in err[0]
+    assert not dst.exists() or not any(p.is_file() for p in dst.rglob("*"))
