@@ -1,7 +1,9 @@
 """Streaming primitives: a sequential hashed reader, a threaded hashed writer, atomic small-file writes.
 
 Memory is bounded by a fixed number of fixed-size buffers per shard in flight; no file is mapped or read
-whole. Files are opened read-only on the source side.
+whole. Files are opened read-only on the source side. The page cache is treated as a stream too (Linux):
+readers ask for sequential read-ahead and drop what they have read; the writer starts write-back every
+``WRITEBACK_EVERY`` bytes and drops the window before, so dirty pages never pile up for one long fsync.
 """
 
 from __future__ import annotations
@@ -18,6 +20,33 @@ from repack.errors import FormatError
 
 CHUNK = 4 << 20
 HASH_READ = 8 << 20
+WRITEBACK_EVERY = 64 << 20
+
+
+def _sync_file_range():
+    """libc ``sync_file_range`` (Linux), or None."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start write-back, do not wait
+
+
+def _advise(fd: int, offset: int, length: int, advice_name: str) -> None:
+    advice = getattr(os, advice_name, None)
+    if advice is not None:
+        try:
+            os.posix_fadvise(fd, offset, length, advice)
+        except OSError:
+            pass
 
 
 class Stopped(Exception):
@@ -30,6 +59,7 @@ class SeqReader:
     def __init__(self, path: Path, hashed: bool = True):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.pos = 0
         self.hash = hashlib.sha256() if hashed else None
 
@@ -41,6 +71,7 @@ class SeqReader:
             if n == 0:
                 raise FormatError(f"{self.path}: unexpected end of file at byte {self.pos + got} (file changed or truncated?)")
             got += n
+        _advise(self.fd, self.pos, size, "POSIX_FADV_DONTNEED")
         self.pos += size
         if self.hash is not None:
             self.hash.update(buf)
@@ -92,6 +123,7 @@ class Sink:
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.written = 0
+        self.window = (0, 0)
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
@@ -110,11 +142,22 @@ class Sink:
                         k = self.f.write(mv)
                         mv = mv[k:]
                     self.written += n
+                    self._writeback()
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
             finally:
                 if pooled:
                     self.pool.put(buf)
+
+    def _writeback(self) -> None:
+        """Start write-back of the bytes written since the last call, and drop the window before it from the cache."""
+        start = sum(self.window)
+        if _SYNC_FILE_RANGE is None or self.written - start < WRITEBACK_EVERY:
+            return
+        fd = self.f.fileno()
+        _SYNC_FILE_RANGE(fd, start, self.written - start, _SFR_WRITE)
+        _advise(fd, *self.window, "POSIX_FADV_DONTNEED")
+        self.window = (start, self.written - start)
 
     def _put(self, item: tuple) -> None:
         while True:

@@ -162,14 +162,18 @@ def run_size(label: str, base: Path, gb: float, shard_mb: int, workers: int, rep
     shutil.rmtree(base, ignore_errors=True)
     src, dst, cpd = base / "src", base / "dst", base / "cp"
     nbytes = generate(src, gb, shard_mb << 20)
-    steps: dict[str, list[dict]] = {"cp": [], "convert": [], "read_both": [], "verify": []}
+    steps: dict[str, list[dict]] = {k: [] for k in ("cp", "convert", "read_both", "verify", "convert_nohash", "verify_nohash")}
+    wk = ["--workers", str(workers)]
     for _ in range(repeat):
         steps["cp"].append(timed(["sh", "-c", f"cp -r {src} {cpd} && sync"], cold))
         shutil.rmtree(cpd)
         shutil.rmtree(dst, ignore_errors=True)
-        steps["convert"].append(timed(w3 + ["convert", str(src), str(dst), "--workers", str(workers)], cold))
+        steps["convert_nohash"].append(timed(w3 + ["convert", str(src), str(dst), "--no-hash"] + wk, cold))
+        steps["verify_nohash"].append(timed(w3 + ["verify", str(src), str(dst)] + wk, cold))
+        shutil.rmtree(dst)
+        steps["convert"].append(timed(w3 + ["convert", str(src), str(dst)] + wk, cold))
         steps["read_both"].append(timed(["sh", "-c", f"cat {src}/*.safetensors {dst}/*.safetensors > /dev/null"], cold))
-        steps["verify"].append(timed(w3 + ["verify", str(src), str(dst), "--workers", str(workers)], cold))
+        steps["verify"].append(timed(w3 + ["verify", str(src), str(dst)] + wk, cold))
     out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
     shards = len(list(src.glob("*.safetensors")))
     shutil.rmtree(base)
@@ -215,31 +219,39 @@ def main() -> None:
     print(f"  3->4 transcode {codec_res['to4_mb_s']:8.0f}   (4 MiB chunks as convert feeds it: {codec_res['to4_chunked_mb_s']:.0f})")
     print(f"  4->3 transcode {codec_res['from4_mb_s']:8.0f}   (verify)")
     print(f"  sha256         {codec_res['sha256_mb_s']:8.0f}   (convert hashes source and output)\n")
-    hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MB/s':>6} {'conv/cp':>7} {'read both s':>11} "
-           f"{'verify s':>8} {'MB/s':>6} {'ver/read':>8} {'conv RSS':>9} {'ver RSS':>9} {'cp RSS':>7}")
+    hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MB/s':>5} {'/cp':>5} {'--no-hash s':>11} {'/cp':>5} "
+           f"{'read both s':>11} {'verify s':>8} {'MB/s':>5} {'/read':>5} {'(no-hash) s':>11} {'/read':>5} "
+           f"{'conv RSS':>8} {'ver RSS':>8} {'cp RSS':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         mb = r["source_bytes"] / 1e6
-        print(f"{r['label']:<16} {r['shards']:>6} {r['cp_s']:>6.2f} {r['convert_s']:>9.2f} {mb / r['convert_s']:>6.0f} "
-              f"{r['convert_s'] / r['cp_s']:>7.2f} {r['read_both_s']:>11.2f} {r['verify_s']:>8.2f} {mb / r['verify_s']:>6.0f} "
-              f"{r['verify_s'] / r['read_both_s']:>8.2f} {r['convert_rss_mib']:>6.0f}MiB {r['verify_rss_mib']:>6.0f}MiB {r['cp_rss_mib']:>4.0f}MiB")
+        print(f"{r['label']:<16} {r['shards']:>6} {r['cp_s']:>6.2f} {r['convert_s']:>9.2f} {mb / r['convert_s']:>5.0f} "
+              f"{r['convert_s'] / r['cp_s']:>5.2f} {r['convert_nohash_s']:>11.2f} {r['convert_nohash_s'] / r['cp_s']:>5.2f} "
+              f"{r['read_both_s']:>11.2f} {r['verify_s']:>8.2f} {mb / r['verify_s']:>5.0f} {r['verify_s'] / r['read_both_s']:>5.2f} "
+              f"{r['verify_nohash_s']:>11.2f} {r['verify_nohash_s'] / r['read_both_s']:>5.2f} "
+              f"{max(r['convert_rss_mib'], r['convert_nohash_rss_mib']):>5.0f}MiB {max(r['verify_rss_mib'], r['verify_nohash_rss_mib']):>5.0f}MiB "
+              f"{r['cp_rss_mib']:>3.0f}MiB")
     multi = [r for r in rows if "shard," not in r["label"]]
     if len(multi) > 1:
         print("\nscaling (time ratio / size ratio; 1.00 is linear):")
         for a, b in zip(multi, multi[1:]):
             f = b["source_bytes"] / a["source_bytes"]
-            print(f"  {a['label']} -> {b['label']}: convert {b['convert_s'] / a['convert_s'] / f:.2f}, verify {b['verify_s'] / a['verify_s'] / f:.2f}, cp {b['cp_s'] / a['cp_s'] / f:.2f}")
+            print(f"  {a['label']} -> {b['label']}: convert {b['convert_s'] / a['convert_s'] / f:.2f}, "
+                  f"--no-hash {b['convert_nohash_s'] / a['convert_nohash_s'] / f:.2f}, verify {b['verify_s'] / a['verify_s'] / f:.2f}, "
+                  f"cp {b['cp_s'] / a['cp_s'] / f:.2f}")
 
     big = max(multi, key=lambda r: r["source_bytes"])
     gbs = big["source_bytes"] / 1e9
     conv_cpu, ver_cpu = big["convert_cpu_s"] / gbs, big["verify_cpu_s"] / gbs
+    nh_cpu = big["convert_nohash_cpu_s"] / gbs
     growth = big["output_bytes"] / big["source_bytes"]
     n, pc = args.project_gb, args.project_cores
     cpu_conv, cpu_ver = n * conv_cpu / pc, n * ver_cpu / pc
     disk_conv = n / args.project_read_gbs + n * growth / args.project_write_gbs  # not overlapped: conservative
     disk_ver = n * (1 + growth) / args.project_read_gbs
-    print(f"\nCPU cost measured here: convert {conv_cpu:.2f} CPU-s per GB of source, verify {ver_cpu:.2f}; output/source {growth:.3f}")
+    print(f"\nCPU cost measured here: convert {conv_cpu:.2f} CPU-s per GB of source (--no-hash {nh_cpu:.2f}), "
+          f"verify {ver_cpu:.2f}; output/source {growth:.3f}")
     print(f"projection, {n:g} GB source on {pc} cores, disk assumed {args.project_read_gbs:g} GB/s read / {args.project_write_gbs:g} GB/s write "
           "(disk time = read + write, not overlapped; CPU time = measured CPU-s/GB spread over the cores):")
     print(f"  convert: CPU {cpu_conv / 60:.1f} min, disk {disk_conv / 60:.1f} min -> about {max(cpu_conv, disk_conv) / 60:.1f} min")
