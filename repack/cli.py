@@ -11,7 +11,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: no BLA
 
 import sys
 import tempfile
-import threading
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -79,10 +78,10 @@ def inspect(
     o.print(f"  architecture      {rep['architecture']} ({rep['model_type']})")
     q = rep["quantization_config"]
     o.print(f"  quantization      {q['quant_method']} {q['packing_format'] or ''} bits={q['bits']} group={q['group_size']} sym={q['sym']}")
-    o.print(f"  module widths     " + ", ".join(f"{k}-bit: {v}" for k, v in rep["module_widths"].items()) + " (from tensor shapes)")
+    o.print("  module widths     " + ", ".join(f"{k}-bit: {v}" for k, v in rep["module_widths"].items()) + " (from tensor shapes)")
     if rep["modules_not_at_config_bits"]:
         o.print(f"  [yellow]{rep['modules_not_at_config_bits']} modules differ from the config's bits[/], e.g. {rep['modules_not_at_config_bits_examples'][0]}")
-    o.print(f"  group sizes       " + ", ".join(f"{k}: {v}" for k, v in rep["group_sizes"].items()))
+    o.print("  group sizes       " + ", ".join(f"{k}: {v}" for k, v in rep["group_sizes"].items()))
     o.print(f"  float tensors     {rep['float_tensors']}")
     o.print(f"  shards            {rep['shards']} ({ui.human(rep['shard_bytes'])})")
     c = rep["convert"]
@@ -255,9 +254,9 @@ def demo(
         o.print(f"   {len(res.plan.shards)} shards, {ui.human(res.plan.src_shard_bytes)}, {len(res.plan.ckpt.modules)} quantized modules "
                 f"(3-bit layers + a 4-bit MTP layer under a bits=3 config), bf16 router/norms/embeddings")
         _convert_summary(res, False)
-        o.print(f"[bold]3. verified[/]: " + ("[green]identical[/]" if rep.ok else "[red]DIFFERENT[/]")
+        o.print("[bold]3. verified[/]: " + ("[green]identical[/]" if rep.ok else "[red]DIFFERENT[/]")
                 + f", {sum(rep.tensors.values())} tensors: " + ", ".join(f"{k} {v}" for k, v in rep.tensors.items()))
-        o.print(f"[bold]4. tamper check[/]: one flipped bit in a copy of the output is " + ("[green]caught[/]" if flipped else "[red]NOT caught[/]"))
+        o.print("[bold]4. tamper check[/]: one flipped bit in a copy of the output is " + ("[green]caught[/]" if flipped else "[red]NOT caught[/]"))
         o.print("[bold]serve it[/] on a GPU box with stock vLLM (>= 0.17 detects auto-round by itself):")
         o.print(f"   vllm serve {dst} --tensor-parallel-size 1 --max-model-len 4096")
         o.print(f"   or: w3repack launch {dst} --gpus 8 -o serve.sh   (plans memory first)")

@@ -25,7 +25,7 @@ from repack import __version__, codec
 from repack.checkpoint import open_checkpoint
 from repack.errors import FormatError, UserError
 from repack.plan import MANIFEST_NAME, STATE_DIR, Op, Options, Plan, ShardPlan, TensorOp, build_plan
-from repack.safetensors_io import NUMPY_DTYPES, pread_exact, read_array, to_float32
+from repack.safetensors_io import NUMPY_DTYPES, read_array, to_float32
 from repack.stream import (
     CHUNK, BufferPool, SeqReader, Sink, Stopped, atomic_write, copy_file_atomic, fsync_dir, sha256_file,
 )
@@ -410,11 +410,11 @@ def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: Buffe
         m = op.module
         qweight = np.frombuffer(reader.read(t.nbytes), dtype=np.int32).reshape(t.shape)
         progress(t.nbytes)
-        zeros = _read_tensor(plan, m.qzeros)
+        zeros = read_tensor(plan, m.qzeros)
         check_sym_zeros(plan, m, zeros)
         if m.g_idx is not None:
-            check_g_idx(plan, TensorOp(Op.COPY, m.g_idx.info, m), _read_tensor(plan, m.g_idx))
-        scales = to_float32(_read_tensor(plan, m.scales), m.scales.info.dtype)
+            check_g_idx(plan, TensorOp(Op.COPY, m.g_idx.info, m), read_tensor(plan, m.g_idx))
+        scales = to_float32(read_tensor(plan, m.scales), m.scales.info.dtype)
         for block in dequant_blocks(qweight, scales, m.bits, m.group_size):
             sink.write(block)
     else:  # pragma: no cover
@@ -433,7 +433,8 @@ def dequant_blocks(qweight: np.ndarray, scales: np.ndarray, bits: int, group: in
         yield np.ascontiguousarray(w.T)
 
 
-def _read_tensor(plan: Plan, loc) -> np.ndarray:
+def read_tensor(plan: Plan, loc) -> np.ndarray:
+    """One source tensor, read whole (small ones: zeros, scales, g_idx) by its location in the plan."""
     path = plan.ckpt.root / loc.shard
     fd = os.open(path, os.O_RDONLY)
     try:

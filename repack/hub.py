@@ -238,13 +238,19 @@ def shard_headers(hs: HubSource, dst: Path) -> dict[str, Header]:
     return out
 
 
-def _missing_offline(hs: HubSource, name: str, dst: Path) -> str:
+def _finished_manifest(hs: HubSource, dst: Path) -> dict | None:
+    """DST's manifest if DST is a finished conversion of this hub commit."""
     try:
         man = json.loads((dst / MANIFEST_NAME).read_text())
-        done = man.get("complete") and (man.get("source") or {}).get("hub", {}).get("commit") == hs.commit
-    except (OSError, ValueError, AttributeError):
-        done = False
-    if done:
+    except (OSError, ValueError):
+        return None
+    if isinstance(man, dict) and man.get("complete") is True and (man.get("source") or {}).get("hub", {}).get("commit") == hs.commit:
+        return man
+    return None
+
+
+def _missing_offline(hs: HubSource, name: str, dst: Path) -> str:
+    if _finished_manifest(hs, dst) is not None:  # the same options were answered by _already_done
         return (f"{dst} is a finished conversion of {hs.repo}@{hs.commit} with other options, and the source shards "
                 "are not in the cache (HF_HUB_OFFLINE is set): cannot convert again")
     return f"{hs.repo}@{hs.commit}: shard {name} is not in the hub cache and HF_HUB_OFFLINE is set: its header cannot be read"
@@ -500,12 +506,8 @@ def _already_done(hs: HubSource, dst: Path, options: Options) -> None:
 
     if not _offline() or all((hs.root / n).is_file() for n in hs.shard_names):
         return
-    try:
-        man = json.loads((dst / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return
-    if (isinstance(man, dict) and man.get("complete") is True and man.get("options") == options.to_json()
-            and (man.get("source") or {}).get("hub", {}).get("commit") == hs.commit):
+    man = _finished_manifest(hs, dst)
+    if man is not None and man.get("options") == options.to_json():
         raise NothingToDo(f"{dst} is already a finished conversion of {hs.repo}@{hs.commit} with these options; nothing to do")
 
 

@@ -21,12 +21,12 @@ from typing import Callable
 import numpy as np
 
 from repack import codec
-from repack.checkpoint import CONFIG_NAME, INDEX_NAME, QCONFIG_NAME, open_checkpoint
-from repack.convert import MAX_WORKERS, default_workers
+from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint
+from repack.convert import MAX_WORKERS, default_workers, read_tensor
 from repack.errors import UserError
 from repack.plan import MANIFEST_NAME, Op, Options, Plan, ShardPlan, build_plan
-from repack.safetensors_io import NUMPY_DTYPES, read_array, read_header, to_float32
-from repack.stream import CHUNK, SeqReader, Stopped, sha256_file
+from repack.safetensors_io import read_header, to_float32
+from repack.stream import CHUNK, SeqReader, sha256_file
 
 Progress = Callable[[int], None]
 
@@ -274,8 +274,8 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
     elif op.op is Op.DEQUANT:
         m = op.module
         qweight = np.frombuffer(sr.read(t.nbytes), dtype=np.int32).reshape(t.shape)
-        qzeros = _read(plan, m.qzeros)
-        scales = to_float32(_read(plan, m.scales), m.scales.info.dtype)
+        qzeros = read_tensor(plan, m.qzeros)
+        scales = to_float32(read_tensor(plan, m.scales), m.scales.info.dtype)
         cols = max(32, (CHUNK // (m.k * 4)) // 32 * 32)
         zw = lambda c: c * m.bits // 32  # noqa: E731
         for c0 in range(0, m.n, cols):
@@ -295,12 +295,3 @@ def _skip(sr: SeqReader, buf: np.ndarray, nbytes: int) -> None:
         sr.read_into(memoryview(buf)[:n])
         left -= n
 
-
-def _read(plan: Plan, loc) -> np.ndarray:
-    import os
-
-    fd = os.open(plan.ckpt.root / loc.shard, os.O_RDONLY)
-    try:
-        return read_array(fd, plan.ckpt.shards[loc.shard], loc.info)
-    finally:
-        os.close(fd)

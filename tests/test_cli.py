@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from repack import synth
 
 
 def run(*args, cwd=None):

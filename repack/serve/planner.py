@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from repack.errors import FormatError, UserError
-from repack.safetensors_io import DTYPE_SIZES, read_header
+from repack.safetensors_io import read_header
 
 GIB = 1 << 30
 DEFAULT_GPUS = 8
