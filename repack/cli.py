@@ -253,10 +253,13 @@ def demo(
         o.print(f"[bold]1. built[/] a synthetic 3-bit DeepSeek-V3-shaped checkpoint: {src}")
         o.print(f"   {len(res.plan.shards)} shards, {ui.human(res.plan.src_shard_bytes)}, {len(res.plan.ckpt.modules)} quantized modules "
                 f"(3-bit layers + a 4-bit MTP layer under a bits=3 config), bf16 router/norms/embeddings")
+        o.print("[bold]2. converted[/] it to 4-bit GPTQ (w3repack convert):")
         _convert_summary(res, False)
         o.print("[bold]3. verified[/]: " + ("[green]identical[/]" if rep.ok else "[red]DIFFERENT[/]")
                 + f", {sum(rep.tensors.values())} tensors: " + ", ".join(f"{k} {v}" for k, v in rep.tensors.items()))
         o.print("[bold]4. tamper check[/]: one flipped bit in a copy of the output is " + ("[green]caught[/]" if flipped else "[red]NOT caught[/]"))
+        if flipped:
+            o.print(f"   {flipped}", markup=False)
         o.print("[bold]serve it[/] on a GPU box with stock vLLM (>= 0.17 detects auto-round by itself):")
         o.print(f"   vllm serve {dst} --tensor-parallel-size 1 --max-model-len 4096")
         o.print(f"   or: w3repack launch {dst} --gpus 8 -o serve.sh   (plans memory first)")
