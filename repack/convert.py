@@ -48,6 +48,11 @@ class Result:
 MAX_WORKERS = 16
 
 
+def effective_workers(requested: int | None, jobs: int) -> int:
+    """Threads for ``jobs`` shards: the request (or the default), at most MAX_WORKERS and at most one per shard."""
+    return max(1, min(requested or default_workers(), MAX_WORKERS, jobs))
+
+
 def default_workers() -> int:
     """Two shards in flight per core (one thread computes while the other waits on I/O), at most MAX_WORKERS.
 
@@ -226,7 +231,7 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
     for s in plan.shards:
         if s.name in kept:
             progress(s.src_size)
-    workers = max(1, min(workers or default_workers(), MAX_WORKERS, max(1, len(todo))))
+    workers = effective_workers(workers, len(todo))
     pool_bufs = BufferPool(3 * workers, CHUNK + (CHUNK // 3) + 64)
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 

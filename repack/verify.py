@@ -22,7 +22,7 @@ import numpy as np
 
 from repack import codec
 from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint
-from repack.convert import MAX_WORKERS, default_workers, read_tensor
+from repack.convert import effective_workers, read_tensor
 from repack.errors import UserError
 from repack.plan import MANIFEST_NAME, Op, Options, Plan, ShardPlan, build_plan
 from repack.safetensors_io import read_header, to_float32
@@ -114,7 +114,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
             for k, v in local.items():
                 counts[k] = counts.get(k, 0) + v
 
-    n = max(1, min(workers or default_workers(), MAX_WORKERS, max(1, len(shards))))
+    n = effective_workers(workers, len(shards))
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="w3verify") as ex:
         list(ex.map(job, sorted(shards, key=lambda s: -s.src_size)))
     for sp in plan.shards:
