@@ -59,8 +59,9 @@ def plan_rows(dst: Path) -> list[Row]:
     """One planner result per shipped recipe, then per GENERIC setup, with options applied as ``launcher.prepare``
     does (no nvidia-smi probe). Raises PLAN_ERRORS when planning cannot run, including a config without KV shape."""
     rows = []
+    model = planner.load_model(dst)
     for kw in [{"recipe_name": n} for n in recipes.names()] + [{"gpus": n, "gpu_memory": m, "cc": c} for n, m, c in GENERIC]:
-        model, req, rec = launcher.prepare(str(dst), probe=False, **kw)
+        model, req, rec = launcher.prepare(str(dst), probe=False, model=model, **kw)
         label = f"`{rec['name']}`" if rec else f"generic {req.gpu.count}x{req.gpu.memory_gib:g} GiB"
         p = planner.plan(model, req)
         if p["kv_bytes_per_token"] <= 0:

@@ -176,8 +176,8 @@ def _dq(s: str) -> str:
 
 def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=None, kv_cache_dtype=None,
             utilization=None, recipe_name=None, nodes=1, cpu_offload_gb=None, max_num_batched_tokens=None,
-            enforce_eager=False, probe=True) -> tuple[planner.Model, planner.Request, dict | None]:
-    """Model headers, the request (options > recipe > nvidia-smi > defaults) and the recipe."""
+            enforce_eager=False, probe=True, model: planner.Model | None = None) -> tuple[planner.Model, planner.Request, dict | None]:
+    """Model headers (``model`` if already loaded), the request (options > recipe > nvidia-smi > defaults), the recipe."""
     recipe = recipes.load(recipe_name) if recipe_name else None
     sv = (recipe or {}).get("serve", {})
     hw = (recipe or {}).get("hardware", {})
@@ -197,7 +197,7 @@ def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=
         env=dict((recipe or {}).get("env", {})),
     )
     planner.check_request(req)
-    return planner.load_model(model_path), req, recipe
+    return model or planner.load_model(model_path), req, recipe
 
 
 def exec_serve(argv: list[str], env: dict[str, str]) -> None:
