@@ -13,6 +13,8 @@ codes, which become one uint32 of 8 nibbles.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -101,6 +103,21 @@ def sym_qzeros(groups: int, n: int, bits: int) -> np.ndarray:
 CHUNK_WORDS = 1 << 18  # 1 MiB of uint32 per step: the temporaries stay in cache
 
 
+@contextlib.contextmanager
+def _row_buffers(n: int):
+    """Ufunc buffers of at most one row (``n`` words, this thread only).
+
+    The fast paths work on ``[blocks, n]`` views with a row stride larger than ``n``. With numpy's default
+    8192-element buffer such operands are copied through the buffer (about half the codec's time at n = 2048);
+    with buffers no longer than a row, the strided loop runs in place.
+    """
+    old = np.setbufsize(max(16, min(8192, n // 16 * 16)))
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
+
+
 def _blocks(w: np.ndarray, rows_per_block: int) -> np.ndarray:
     n = int(np.prod(w.shape[1:])) if w.ndim > 1 else 1
     if w.shape[0] % rows_per_block:
@@ -135,6 +152,19 @@ def _squeeze3(t: np.ndarray, tmp: np.ndarray) -> bool:
     return ok
 
 
+def _to4_blocks(blocks: np.ndarray, out: np.ndarray, tmp: np.ndarray, step: int) -> None:
+    """``blocks [nb, 3, n]`` -> ``out [nb, 4, n]``, ``step`` blocks at a time: out word m = stream bits ``24m..24m+23``, spread."""
+    for b0 in range(0, blocks.shape[0], step):
+        src, t = blocks[b0 : b0 + step], out[b0 : b0 + step]
+        tt = tmp[: t.shape[0]]
+        w0, w1, w2 = src[:, 0], src[:, 1], src[:, 2]
+        np.bitwise_and(w0, 0xFFFFFF, out=t[:, 0])
+        np.right_shift(w0, 24, out=t[:, 1]); np.left_shift(w1, 8, out=tt[:, 1]); tt[:, 1] &= 0xFFFF00; t[:, 1] |= tt[:, 1]
+        np.right_shift(w1, 16, out=t[:, 2]); np.left_shift(w2, 16, out=tt[:, 2]); tt[:, 2] &= 0xFF0000; t[:, 2] |= tt[:, 2]
+        np.right_shift(w2, 8, out=t[:, 3])
+        _spread3(t, tt)
+
+
 def transcode_to4(qweight: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
     """Repack a ``bits``-wide symmetric qweight ``[K*bits/32, N]`` into 4-bit ``[K/8, N]``, ``q4 = q + 8 - 2**(bits-1)``.
 
@@ -151,15 +181,8 @@ def transcode_to4(qweight: np.ndarray, bits: int, out: np.ndarray | None = None)
             out = out.reshape(-1).view(np.uint8)[: nb * 4 * n * 4].view(np.uint32).reshape(nb, 4, n)
         step = max(1, CHUNK_WORDS // (4 * n))
         tmp = np.empty((min(step, nb), 4, n), dtype=np.uint32)
-        for b0 in range(0, nb, step):
-            src, t = blocks[b0 : b0 + step], out[b0 : b0 + step]
-            tt = tmp[: t.shape[0]]
-            w0, w1, w2 = src[:, 0], src[:, 1], src[:, 2]
-            np.bitwise_and(w0, 0xFFFFFF, out=t[:, 0])
-            np.right_shift(w0, 24, out=t[:, 1]); np.left_shift(w1, 8, out=tt[:, 1]); tt[:, 1] &= 0xFFFF00; t[:, 1] |= tt[:, 1]
-            np.right_shift(w1, 16, out=t[:, 2]); np.left_shift(w2, 16, out=tt[:, 2]); tt[:, 2] &= 0xFF0000; t[:, 2] |= tt[:, 2]
-            np.right_shift(w2, 8, out=t[:, 3])
-            _spread3(t, tt)
+        with _row_buffers(n):
+            _to4_blocks(blocks, out, tmp, step)
         return out.reshape(nb * 4, *w.shape[1:]).view(np.int32)
     if bits == 2:
         return pack(unpack(w, 2, axis=0) + 6, 4, axis=0)
@@ -183,15 +206,16 @@ def transcode_from4(qweight4: np.ndarray, bits: int) -> tuple[np.ndarray, bool]:
         t_buf = np.empty((min(step, nb), 4, n), dtype=np.uint32)
         tmp = np.empty_like(t_buf)
         ok = True
-        for b0 in range(0, nb, step):
-            src, o = blocks[b0 : b0 + step], out[b0 : b0 + step]
-            t, tt = t_buf[: src.shape[0]], tmp[: src.shape[0]]
-            t[...] = src
-            ok &= _squeeze3(t, tt)
-            v0, v1, v2, v3 = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
-            np.left_shift(v1, 24, out=o[:, 0]); o[:, 0] |= v0
-            np.left_shift(v2, 16, out=o[:, 1]); np.right_shift(v1, 8, out=tt[:, 0]); o[:, 1] |= tt[:, 0]
-            np.left_shift(v3, 8, out=o[:, 2]); np.right_shift(v2, 16, out=tt[:, 0]); o[:, 2] |= tt[:, 0]
+        with _row_buffers(n):
+            for b0 in range(0, nb, step):
+                src, o = blocks[b0 : b0 + step], out[b0 : b0 + step]
+                t, tt = t_buf[: src.shape[0]], tmp[: src.shape[0]]
+                t[...] = src
+                ok &= _squeeze3(t, tt)
+                v0, v1, v2, v3 = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
+                np.left_shift(v1, 24, out=o[:, 0]); o[:, 0] |= v0
+                np.left_shift(v2, 16, out=o[:, 1]); np.right_shift(v1, 8, out=tt[:, 0]); o[:, 1] |= tt[:, 0]
+                np.left_shift(v3, 8, out=o[:, 2]); np.right_shift(v2, 16, out=tt[:, 0]); o[:, 2] |= tt[:, 0]
         return out.reshape(nb * 3, *w.shape[1:]).view(np.int32), ok
     if bits == 2:
         nib = unpack(w, 4, axis=0).astype(np.int16) - 6

@@ -27,7 +27,7 @@ from repack.errors import FormatError, UserError
 from repack.plan import MANIFEST_NAME, STATE_DIR, Op, Options, Plan, ShardPlan, TensorOp, build_plan
 from repack.safetensors_io import NUMPY_DTYPES, read_array, to_float32
 from repack.stream import (
-    CHUNK, BufferPool, SeqReader, Sink, Stopped, atomic_write, copy_file_atomic, fsync_dir, sha256_file,
+    CHUNK, SeqReader, Sink, Stopped, atomic_write, copy_file_atomic, fsync_dir, sha256_file,
 )
 
 STATE_NAME = "state.json"
@@ -232,13 +232,12 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
         if s.name in kept:
             progress(s.src_size)
     workers = effective_workers(workers, len(todo))
-    pool_bufs = BufferPool(3 * workers, CHUNK + (CHUNK // 3) + 64)
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 
     def job(sp: ShardPlan) -> None:
         if before_shard is not None:
             before_shard(sp)
-        sha, src_sha = convert_shard(plan, sp, dst, pool_bufs, stop, progress, hashes)
+        sha, src_sha = convert_shard(plan, sp, dst, stop, progress, hashes)
         state.done(sp.name, sha, src_sha)
         result.shards_written.append(sp.name)
         if after_shard is not None:
@@ -297,19 +296,14 @@ def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
     }
 
 
-def _rows_per_chunk(row_bytes: int, multiple: int) -> int:
-    rows = max(1, CHUNK // max(1, row_bytes))
-    return max(multiple, rows - rows % multiple)
-
-
-def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: threading.Event, progress: Progress,
+def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, stop: threading.Event, progress: Progress,
                   hashes: bool = True) -> tuple[str | None, str | None]:
     """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed."""
     src_path = plan.ckpt.root / sp.name
     tmp = dst / STATE_DIR / (sp.name + ".partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     reader = SeqReader(src_path, hashed=hashes)
-    sink = Sink(tmp, pool, stop, hashed=hashes)
+    sink = Sink(tmp, stop, hashed=hashes)
     ok = False
     try:
         reader.read(sp.src.data_offset)
@@ -318,11 +312,11 @@ def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: 
         for op in sp.ops:
             if stop.is_set():
                 raise Stopped()
-            _run_op(plan, op, reader, sink, pool, stop, progress)
+            _run_op(plan, op, reader, sink, progress)
         src_sha = reader.hexdigest()
+        if sink.position != sp.out_size:
+            raise RuntimeError(f"internal error: {sp.name}: wrote {sink.position} bytes, planned {sp.out_size}")
         sha = sink.finish()
-        if sink.written != sp.out_size:
-            raise RuntimeError(f"internal error: {sp.name}: wrote {sink.written} bytes, planned {sp.out_size}")
         final = dst / sp.name
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
@@ -339,31 +333,19 @@ def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, pool: BufferPool, stop: 
                 pass
 
 
-def _stream_copy(reader: SeqReader, sink: Sink, pool: BufferPool, nbytes: int, stop: threading.Event, progress: Progress) -> None:
+def _stream_copy(reader: SeqReader, sink: Sink, nbytes: int, progress: Progress) -> None:
+    """Passthrough bytes are read straight into the sink's staging buffers."""
     left = nbytes
     while left:
-        buf = pool.get(stop)
-        n = min(left, CHUNK)
-        reader.read_into(memoryview(buf)[:n])
-        sink.submit(buf, n)
+        space = sink.space()
+        n = min(left, len(space), CHUNK)
+        reader.read_into(space[:n])
+        sink.commit(n)
         progress(n)
         left -= n
 
 
-def _drain(reader: SeqReader, pool: BufferPool, nbytes: int, stop: threading.Event, progress: Progress) -> None:
-    left = nbytes
-    buf = pool.get(stop)
-    try:
-        while left:
-            n = min(left, CHUNK)
-            reader.read_into(memoryview(buf)[:n])
-            progress(n)
-            left -= n
-    finally:
-        pool.put(buf)
-
-
-def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: BufferPool, stop: threading.Event, progress: Progress) -> None:
+def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, progress: Progress) -> None:
     t = op.src
     if op.op is Op.COPY:
         if op.module is not None and t.name.endswith((".g_idx", ".qzeros")):
@@ -372,17 +354,18 @@ def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: Buffe
                 check_g_idx(plan, op, np.frombuffer(data, dtype=NUMPY_DTYPES[t.dtype]))
             else:
                 check_sym_zeros(plan, op.module, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
-            sink.write(bytes(data))
+            sink.write(data)
             progress(t.nbytes)
             return
-        _stream_copy(reader, sink, pool, t.nbytes, stop, progress)
+        _stream_copy(reader, sink, t.nbytes, progress)
     elif op.op is Op.DROP:
         if t.name.endswith(".qzeros"):
             data = reader.read(t.nbytes)
             check_sym_zeros(plan, op.module, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
             progress(t.nbytes)
         else:
-            _drain(reader, pool, t.nbytes, stop, progress)
+            reader.skip(t.nbytes)
+            progress(t.nbytes)
     elif op.op is Op.ZEROS:
         m = op.module
         data = reader.read(t.nbytes)
@@ -390,27 +373,7 @@ def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: Buffe
         sink.write(codec.sym_qzeros(t.shape[0], m.n, 4))
         progress(t.nbytes)
     elif op.op is Op.TRANSCODE:
-        m = op.module
-        row_bytes = m.n * 4
-        rows = _rows_per_chunk(row_bytes, codec.words_per_block(m.bits))
-        left = t.shape[0]
-        while left:
-            r = min(rows, left)
-            inbuf = pool.get(stop)
-            try:
-                chunk = reader.read_into(memoryview(inbuf)[: r * row_bytes])
-                words = np.frombuffer(chunk, dtype=np.int32).reshape(r, m.n)
-                outbuf = pool.get(stop)
-                res = codec.transcode_to4(words, m.bits, out=outbuf)
-            finally:
-                pool.put(inbuf)
-            if np.shares_memory(res, outbuf):
-                sink.submit(outbuf, res.nbytes)
-            else:
-                pool.put(outbuf)
-                sink.write(res)
-            progress(r * row_bytes)
-            left -= r
+        _transcode(op.module, t.shape[0], reader, sink, progress)
     elif op.op is Op.DEQUANT:
         m = op.module
         qweight = np.frombuffer(reader.read(t.nbytes), dtype=np.int32).reshape(t.shape)
@@ -424,6 +387,33 @@ def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, pool: Buffe
             sink.write(block)
     else:  # pragma: no cover
         raise AssertionError(op.op)
+
+
+def _transcode(m, rows_total: int, reader: SeqReader, sink: Sink, progress: Progress) -> None:
+    """3/2-bit qweight rows -> 4-bit rows: the codec reads the reader's block and writes the sink's staging buffer.
+
+    A block is ``words_per_block`` input rows; it becomes ``codes_per_block/8`` output rows. Blocks that do not
+    fit in what is left of a staging buffer go through a small array and ``Sink.write``.
+    """
+    row_bytes = m.n * 4
+    in_rows = codec.words_per_block(m.bits)
+    out_block = codec.codes_per_block(m.bits) // 8 * row_bytes
+    left = rows_total
+    while left:
+        space = sink.space()
+        fit = len(space) // out_block * in_rows
+        r = min(left, fit or in_rows)
+        chunk = reader.view(r * row_bytes, in_rows * row_bytes)
+        r = len(chunk) // row_bytes
+        words = np.frombuffer(chunk, dtype=np.int32).reshape(r, m.n)
+        out = np.frombuffer(space, dtype=np.uint8) if fit else None
+        res = codec.transcode_to4(words, m.bits, out=out)
+        if out is not None and np.shares_memory(res, out):
+            sink.commit(res.nbytes)
+        else:
+            sink.write(res)
+        progress(r * row_bytes)
+        left -= r
 
 
 def dequant_blocks(qweight: np.ndarray, scales: np.ndarray, bits: int, group: int):

@@ -1,13 +1,17 @@
-"""Streaming primitives: a sequential hashed reader, a threaded hashed writer, atomic small-file writes.
+"""Streaming primitives: a read-ahead hashing reader, a staged hashing writer, atomic small-file writes.
 
-Memory is bounded by a fixed number of fixed-size buffers per shard in flight; no file is mapped or read
-whole. Files are opened read-only on the source side. The page cache is treated as a stream too (Linux):
-readers ask for sequential read-ahead and drop what they have read; the writer starts write-back every
-``WRITEBACK_EVERY`` bytes and drops the window before, so dirty pages never pile up for one long fsync.
+Memory is bounded by a fixed number of fixed-size, page-aligned buffers per shard in flight (reused across
+shards); no file is mapped or read whole. Source files are opened read-only. Both ends use ``O_DIRECT``
+where the filesystem allows it: no copy through the page cache, no dirty pages to flush, nothing cached
+that will not be read again. Otherwise they fall back to buffered I/O that treats the page cache as a
+stream (sequential read-ahead, read pages dropped, write-back started every ``WRITEBACK_EVERY`` bytes).
+``W3REPACK_DIRECT_IO=0`` forces buffered I/O.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -19,6 +23,10 @@ import numpy as np
 from repack.errors import FormatError
 
 CHUNK = 4 << 20
+STAGE = 4 << 20
+READ_BLOCK = 2 << 20
+READ_BLOCKS = 4
+DIRECT_ALIGN = 4096
 HASH_READ = 8 << 20
 WRITEBACK_EVERY = 64 << 20
 
@@ -49,80 +57,247 @@ def _advise(fd: int, offset: int, length: int, advice_name: str) -> None:
             pass
 
 
+def _direct_io_wanted() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("W3REPACK_DIRECT_IO", "1") not in ("0", "false", "no")
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn ``O_DIRECT`` on or off for an open file; returns whether it is on."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+        return on
+    except OSError:
+        return False
+
+
+HUGE = 2 << 20
+_SPARE: dict[int, list[np.ndarray]] = {}
+_SPARE_LOCK = threading.Lock()
+
+
+def _new_buffer(size: int) -> np.ndarray:
+    """A zeroed uint8 buffer of ``size`` bytes starting on a 2 MiB boundary (numpy asks for huge pages from 4 MiB on)."""
+    raw = np.zeros(size + HUGE, dtype=np.uint8)
+    off = -raw.ctypes.data % HUGE
+    return raw[off : off + size]
+
+
+def take_buffers(size: int, count: int) -> list[np.ndarray]:
+    """``count`` aligned buffers of ``size`` bytes, reused across shards (fresh pages cost a fault each)."""
+    with _SPARE_LOCK:
+        spare = _SPARE.setdefault(size, [])
+        got = [spare.pop() for _ in range(min(count, len(spare)))]
+    return got + [_new_buffer(size) for _ in range(count - len(got))]
+
+
+def give_buffers(bufs: list[np.ndarray]) -> None:
+    with _SPARE_LOCK:
+        for b in bufs:
+            _SPARE.setdefault(len(b), []).append(b)
+
+
 class Stopped(Exception):
     """Raised inside workers when the run is being cancelled."""
 
 
 class SeqReader:
-    """Reads a file front to back into caller buffers, hashing every byte in order."""
+    """Reads a file front to back; a background thread reads ahead ``READ_BLOCK``-sized blocks and hashes them.
 
-    def __init__(self, path: Path, hashed: bool = True):
+    Blocks start at multiples of ``READ_BLOCK`` and land in page-aligned buffers, so the file is read with
+    ``O_DIRECT`` where the filesystem allows it (no page-cache copy); otherwise buffered, with sequential
+    read-ahead and the pages dropped once read. The sha256 covers every byte of the file in order.
+    Consumers take bytes in order: ``view`` (zero-copy, valid until the next call), ``read_into``, ``read``,
+    ``skip``.
+    """
+
+    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
-        self.pos = 0
+        self.size = os.fstat(self.fd).st_size
+        self.direct = _direct_io_wanted() and _set_direct(self.fd, True)
+        if not self.direct:
+            _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.hash = hashlib.sha256() if hashed else None
+        self.pos = 0
+        self.buffers = take_buffers(READ_BLOCK, blocks)
+        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        for b in self.buffers:
+            self.free.put(b)
+        self.ready: queue.Queue = queue.Queue()
+        self.block: tuple[np.ndarray, int, int] | None = None
+        self.unhashed: memoryview | None = None
+        self.closed = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
 
-    def read_into(self, buf: memoryview) -> memoryview:
-        size = len(buf)
+    def _run(self) -> None:
+        off = 0
+        try:
+            while off < self.size and not self.closed:
+                try:
+                    buf = self.free.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                want = min(READ_BLOCK, self.size - off)
+                n = self._fill(buf, off, want)
+                self.ready.put((buf, off, n))
+                if n < want:
+                    break
+                off += n
+            self.ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self.ready.put(e)
+
+    def _fill(self, buf: np.ndarray, off: int, want: int) -> int:
+        mv = memoryview(buf)
         got = 0
-        while got < size:
-            n = os.preadv(self.fd, [buf[got:]], self.pos + got)
+        while got < want:
+            length = want - got
+            if self.direct:
+                length += -length % DIRECT_ALIGN
+            try:
+                n = os.preadv(self.fd, [mv[got : got + length]], off + got)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self.direct = _set_direct(self.fd, False)
+                continue
             if n == 0:
-                raise FormatError(f"{self.path}: unexpected end of file at byte {self.pos + got} (file changed or truncated?)")
+                break
             got += n
-        _advise(self.fd, self.pos, size, "POSIX_FADV_DONTNEED")
-        self.pos += size
+        if not self.direct:
+            _advise(self.fd, off, got, "POSIX_FADV_DONTNEED")
+        return min(got, want)
+
+    def _hash(self, data: memoryview) -> None:
         if self.hash is not None:
-            self.hash.update(buf)
-        return buf
+            self.hash.update(data)
+
+    def _catch_up(self) -> None:
+        """Hash the last ``view`` now that its caller has read it (hashing bytes already in cache is cheaper)."""
+        if self.unhashed is not None:
+            self._hash(self.unhashed)
+            self.unhashed = None
+
+    def _current(self) -> tuple[np.ndarray, int, int]:
+        """The block holding ``pos``; the one before goes back to the read-ahead thread."""
+        self._catch_up()
+        while self.block is None or self.pos >= self.block[1] + self.block[2]:
+            if self.block is not None:
+                self.free.put(self.block[0])
+                self.block = None
+            if self.pos >= self.size:
+                raise self._eof()
+            item = self.ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                raise self._eof()
+            self.block = item
+        return self.block
+
+    def _eof(self) -> FormatError:
+        return FormatError(f"{self.path}: unexpected end of file at byte {self.pos} (file changed or truncated?)")
+
+    def view(self, max_n: int, unit: int = 1) -> memoryview:
+        """The next ``k`` bytes without copying, ``unit <= k <= max_n`` a multiple of ``unit``, valid until the next call.
+
+        Where fewer than ``unit`` bytes are left in the block, one ``unit`` is copied across the block boundary.
+        """
+        buf, off, n = self._current()
+        start = self.pos - off
+        k = min(max_n, n - start) // unit * unit
+        if k == 0:
+            out = memoryview(bytearray(unit))
+            self.read_into(out)
+            return out
+        self.pos += k
+        v = memoryview(buf)[start : start + k]
+        if self.hash is not None:
+            self.unhashed = v
+        return v
+
+    def read_into(self, out: memoryview) -> memoryview:
+        done = 0
+        while done < len(out):
+            buf, off, n = self._current()
+            start = self.pos - off
+            k = min(len(out) - done, n - start)
+            out[done : done + k] = memoryview(buf)[start : start + k]
+            self._hash(out[done : done + k])
+            self.pos += k
+            done += k
+        return out
 
     def read(self, size: int) -> bytearray:
         b = bytearray(size)
         self.read_into(memoryview(b))
         return b
 
+    def skip(self, size: int) -> None:
+        end = self.pos + size
+        while self.pos < end:
+            buf, off, n = self._current()
+            k = min(end, off + n) - self.pos
+            self._hash(memoryview(buf)[self.pos - off : self.pos - off + k])
+            self.pos += k
+
     def hexdigest(self) -> str | None:
-        return self.hash.hexdigest() if self.hash is not None else None
+        """sha256 of the whole file (bytes not yet taken are read and hashed first)."""
+        if self.hash is None:
+            return None
+        self._catch_up()
+        self.skip(self.size - self.pos)
+        self._catch_up()
+        return self.hash.hexdigest()
 
     def close(self) -> None:
-        os.close(self.fd)
-
-
-class BufferPool:
-    """A fixed set of reusable byte buffers; ``get`` blocks until one is free."""
-
-    def __init__(self, count: int, size: int):
-        self.size = size
-        self.free: queue.Queue[np.ndarray] = queue.Queue()
-        for _ in range(count):
-            self.free.put(np.empty(size, dtype=np.uint8))
-
-    def get(self, stop: threading.Event) -> np.ndarray:
-        while True:
-            if stop.is_set():
-                raise Stopped()
+        if self.closed:
+            return
+        self.closed = True
+        if self.block is not None:
+            self.free.put(self.block[0])
+            self.block = None
+        while self.t.is_alive():
             try:
-                return self.free.get(timeout=0.2)
+                item = self.ready.get(timeout=0.05)
             except queue.Empty:
                 continue
-
-    def put(self, buf: np.ndarray) -> None:
-        self.free.put(buf)
+            if isinstance(item, tuple):
+                self.free.put(item[0])
+        self.t.join()
+        os.close(self.fd)
+        give_buffers(self.buffers)
 
 
 class Sink:
-    """Writes byte chunks to a file in order on a background thread, hashing them (sha256) unless ``hashed=False``."""
+    """Writes a file front to back from page-aligned staging buffers; a background thread hashes and writes them.
 
-    def __init__(self, path: Path, pool: BufferPool, stop: threading.Event, hashed: bool = True):
+    Producers either ``write(data)`` (copied into staging) or fill ``space()`` in place and ``commit(n)``.
+    Every staging buffer but the last is ``STAGE`` bytes at an offset that is a multiple of ``STAGE``, so the
+    file can be written with ``O_DIRECT`` (no page-cache copy, no dirty pages to flush): the last buffer is
+    padded to ``DIRECT_ALIGN`` and the file truncated to its real size. Where the filesystem refuses
+    ``O_DIRECT`` (or ``W3REPACK_DIRECT_IO=0``) writes are buffered, with write-back started every
+    ``WRITEBACK_EVERY`` bytes and the window before dropped from the cache.
+    """
+
+    def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3):
         self.path = path
-        self.f = open(path, "wb", buffering=0)
-        self.pool = pool
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.direct = _direct_io_wanted() and _set_direct(self.fd, True)
         self.stop = stop
         self.hash = hashlib.sha256() if hashed else None
-        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.buffers = take_buffers(STAGE, buffers)
+        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        for b in self.buffers:
+            self.free.put(b)
+        self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.written = 0
+        self.queued = 0
+        self.cur: np.ndarray | None = None
+        self.fill = 0
         self.window = (0, 0)
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
@@ -132,73 +307,130 @@ class Sink:
             item = self.q.get()
             if item is None:
                 return
-            buf, n, pooled = item
+            buf, n, offset = item
             try:
                 if self.error is None:
-                    mv = memoryview(buf)[:n]
-                    if self.hash is not None:
-                        self.hash.update(mv)
-                    while len(mv):
-                        k = self.f.write(mv)
-                        mv = mv[k:]
-                    self.written += n
-                    self._writeback()
+                    self._write_block(buf, n, offset)
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
             finally:
-                if pooled:
-                    self.pool.put(buf)
+                self.free.put(buf)
+
+    def _write_block(self, buf: np.ndarray, n: int, offset: int) -> None:
+        mv = memoryview(buf)
+        size = n
+        if self.direct and n % DIRECT_ALIGN:
+            size = n + (-n % DIRECT_ALIGN)
+            mv[n:size] = bytes(size - n)
+        done = 0
+        while done < size:
+            try:
+                k = os.pwrite(self.fd, mv[done:size], offset + done)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self.direct, size = _set_direct(self.fd, False), n
+                continue
+            if k == 0:
+                raise OSError(errno.EIO, "write returned 0", str(self.path))
+            done += k
+        mv.release()
+        self.written = offset + n
+        if not self.direct:
+            self._writeback()
 
     def _writeback(self) -> None:
         """Start write-back of the bytes written since the last call, and drop the window before it from the cache."""
         start = sum(self.window)
         if _SYNC_FILE_RANGE is None or self.written - start < WRITEBACK_EVERY:
             return
-        fd = self.f.fileno()
-        _SYNC_FILE_RANGE(fd, start, self.written - start, _SFR_WRITE)
-        _advise(fd, *self.window, "POSIX_FADV_DONTNEED")
+        _SYNC_FILE_RANGE(self.fd, start, self.written - start, _SFR_WRITE)
+        _advise(self.fd, *self.window, "POSIX_FADV_DONTNEED")
         self.window = (start, self.written - start)
 
-    def _put(self, item: tuple) -> None:
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.stop.is_set():
+            raise Stopped()
+
+    def _take(self) -> np.ndarray:
         while True:
-            if self.error is not None:
-                raise self.error
-            if self.stop.is_set():
-                raise Stopped()
+            self._check()
             try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
+                return self.free.get(timeout=0.2)
+            except queue.Empty:
                 continue
 
-    def submit(self, buf: np.ndarray, n: int) -> None:
-        """Queue ``buf[:n]``; ``buf`` came from the pool and goes back to it once written."""
-        self._put((buf, n, True))
+    def _flush(self) -> None:
+        if self.cur is not None and self.fill:
+            self.q.put((self.cur, self.fill, self.queued))
+            self.queued += self.fill
+            self.cur, self.fill = None, 0
 
-    def write(self, data: bytes | np.ndarray) -> None:
-        """Queue an owned, immutable chunk (not from the pool)."""
-        arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
-        self._put((arr, arr.nbytes, False))
+    def space(self) -> memoryview:
+        """The free tail of the current staging buffer (never empty); fill a prefix and ``commit`` it."""
+        self._check()
+        if self.cur is not None and self.fill == STAGE:
+            self._flush()
+        if self.cur is None:
+            self.cur = self._take()
+        return memoryview(self.cur)[self.fill:]
+
+    def commit(self, n: int) -> None:
+        """The next ``n`` bytes of the last ``space()`` are data (hashed here, while they are in cache)."""
+        if self.hash is not None:
+            self.hash.update(memoryview(self.cur)[self.fill : self.fill + n])
+        self.fill += n
+
+    def write(self, data) -> None:
+        """Copy ``data`` (bytes-like or numpy array) into the stream."""
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        src = memoryview(data).cast("B")
+        while len(src):
+            dst = self.space()
+            k = min(len(dst), len(src))
+            dst[:k] = src[:k]
+            dst.release()
+            self.commit(k)
+            src = src[k:]
+
+    @property
+    def position(self) -> int:
+        """Bytes handed to the sink so far."""
+        return self.queued + self.fill
 
     def finish(self) -> str | None:
         """Flush, fsync and close; returns the sha256 of everything written (None when not hashed)."""
+        self._check()
+        self._flush()
         self.q.put(None)
         self.t.join()
-        if self.error is not None:
-            self.f.close()
-            raise self.error
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            if self.error is not None:
+                raise self.error
+            if os.fstat(self.fd).st_size != self.queued:
+                os.ftruncate(self.fd, self.queued)
+            os.fsync(self.fd)
+        finally:
+            self._release()
         return self.hash.hexdigest() if self.hash is not None else None
+
+    def _release(self) -> None:
+        """Close the file and return the buffers, once; the buffers only if the writer thread has ended."""
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        if not self.t.is_alive():
+            give_buffers(self.buffers)
 
     def abort(self) -> None:
         self.error = self.error or Stopped()
-        try:
-            self.q.put_nowait(None)
-        except queue.Full:
-            pass
+        self.q.put(None)
         self.t.join(timeout=5)
-        self.f.close()
+        self._release()
 
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> str:

@@ -243,7 +243,7 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
                 raise Found(Difference(dname, op.out_name, base + done + _first_diff(a, b), "passthrough bytes differ from the source"))
             done += n
     elif op.op is Op.DROP:
-        sr.read(t.nbytes) if t.nbytes <= CHUNK else _skip(sr, sbuf, t.nbytes)
+        sr.skip(t.nbytes)
     elif op.op is Op.ZEROS:
         m = op.module
         src_z = np.frombuffer(sr.read(t.nbytes), dtype=np.uint32)
@@ -286,12 +286,3 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
                 raise Found(Difference(dname, op.out_name, base + c0 * m.k * 4 + _first_diff(want, have), "float weight differs from the exact dequantization"))
     else:  # pragma: no cover
         raise AssertionError(op.op)
-
-
-def _skip(sr: SeqReader, buf: np.ndarray, nbytes: int) -> None:
-    left = nbytes
-    while left:
-        n = min(left, CHUNK)
-        sr.read_into(memoryview(buf)[:n])
-        left -= n
-

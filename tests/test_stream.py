@@ -1,0 +1,174 @@
+"""Streaming reader/writer: every byte in order, sha256 equal to hashlib's over the file, direct and buffered I/O."""
+
+import hashlib
+import os
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repack import stream
+from repack.errors import FormatError
+from repack.stream import READ_BLOCK, STAGE, SeqReader, Sink
+
+settings.register_profile("stream", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+IO_MODES = pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "buffered"])
+
+
+def _direct_supported(d) -> bool:
+    try:
+        fd = os.open(d / "probe", os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return hasattr(os, "O_DIRECT")
+
+
+def _data(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+# sizes around the block and alignment boundaries
+SIZES = [0, 1, 4095, 4096, 4097, READ_BLOCK - 1, READ_BLOCK, READ_BLOCK + 1, 2 * READ_BLOCK + 12345, STAGE + 7]
+
+
+@IO_MODES
+@pytest.mark.parametrize("size", SIZES)
+def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, direct, size):
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    data = _data(size, size)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    r = SeqReader(p)
+    assert r.direct == (direct == "1" and _direct_supported(tmp_path))
+    got, step = bytearray(), 0
+    try:
+        while len(got) < size:
+            step += 1
+            left = size - len(got)
+            kind = step % 4
+            if kind == 0:
+                got += r.read(min(left, 3 + step * 1001))
+            elif kind == 1:
+                n = min(left, 777_777)
+                got += r.view(n, 1)
+            elif kind == 2 and left >= 96:
+                v = r.view(min(left, READ_BLOCK) // 96 * 96, 96)
+                assert len(v) % 96 == 0 and len(v) >= 96
+                got += v
+            else:
+                before = r.pos
+                n = min(left, 100_000)
+                r.skip(n)
+                assert r.pos == before + n
+                got += data[before : before + n]
+        assert bytes(got) == data
+        assert r.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        r.close()
+
+
+@IO_MODES
+def test_view_copies_one_unit_across_a_block_boundary(tmp_path, monkeypatch, direct):
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    data = _data(3 * READ_BLOCK, 1)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    unit = 12 * 1000
+    r = SeqReader(p)
+    try:
+        first = r.view(READ_BLOCK, unit)
+        assert len(first) == READ_BLOCK // unit * unit
+        across = r.view(10 * unit, unit)
+        assert len(across) == unit, "the remainder of the block is shorter than a unit: one unit is stitched"
+        assert bytes(across) == data[len(first) : len(first) + unit]
+        rest = r.view(10 * unit, unit)
+        assert bytes(rest) == data[len(first) + unit : len(first) + unit + len(rest)]
+        assert r.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        r.close()
+
+
+@IO_MODES
+def test_reader_reports_a_file_shorter_than_at_open(tmp_path, monkeypatch, direct):
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    p = tmp_path / "f"
+    p.write_bytes(_data(3 * READ_BLOCK))
+    r = SeqReader(p, blocks=1)
+    try:
+        r.read(100)
+        os.truncate(p, READ_BLOCK + 10)
+        with pytest.raises(FormatError, match="unexpected end of file"):
+            r.skip(3 * READ_BLOCK - 100)
+    finally:
+        r.close()
+
+
+def test_reader_unhashed_and_closed_early(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(_data(3 * READ_BLOCK))
+    r = SeqReader(p, hashed=False)
+    assert bytes(r.read(10)) == p.read_bytes()[:10]
+    assert r.hexdigest() is None
+    r.close()
+    r.close()
+
+
+@IO_MODES
+@settings(settings.get_profile("stream"))
+@given(pieces=st.lists(st.tuples(st.sampled_from(["write", "space"]), st.integers(0, 3 * STAGE // 2)), max_size=8))
+def test_sink_writes_exact_bytes_and_hash(tmp_path, monkeypatch, direct, pieces):
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    p = tmp_path / "out"
+    sink = Sink(p, threading.Event())
+    assert sink.direct == (direct == "1" and _direct_supported(tmp_path))
+    want = bytearray()
+    for i, (how, n) in enumerate(pieces):
+        chunk = _data(n, i)
+        if how == "write":
+            sink.write(chunk)
+            want += chunk
+        else:
+            space = sink.space()
+            k = min(n, len(space))
+            space[:k] = chunk[:k]
+            sink.commit(k)
+            want += chunk[:k]
+        assert sink.position == len(want)
+    sha = sink.finish()
+    assert p.read_bytes() == bytes(want), "padding for direct I/O must be truncated away"
+    assert sha == hashlib.sha256(want).hexdigest()
+
+
+def test_sink_takes_numpy_arrays_and_noncontiguous_ones(tmp_path):
+    p = tmp_path / "out"
+    sink = Sink(p, threading.Event(), hashed=False)
+    a = np.arange(64, dtype=np.int32).reshape(8, 8)
+    sink.write(a)
+    sink.write(a[:, ::2])
+    assert sink.finish() is None
+    assert p.read_bytes() == a.tobytes() + np.ascontiguousarray(a[:, ::2]).tobytes()
+
+
+def test_sink_stops_when_asked_and_can_abort_twice(tmp_path):
+    stop = threading.Event()
+    sink = Sink(tmp_path / "out", stop)
+    sink.write(b"x" * 10)
+    stop.set()
+    with pytest.raises(stream.Stopped):
+        sink.write(b"y" * (2 * STAGE))
+    sink.abort()
+    sink.abort()
+
+
+def test_buffers_are_reused_not_shared(tmp_path):
+    a = stream.take_buffers(READ_BLOCK, 2)
+    assert all(b.ctypes.data % stream.HUGE == 0 and len(b) == READ_BLOCK for b in a)
+    stream.give_buffers(a)
+    b = stream.take_buffers(READ_BLOCK, 3)
+    assert {x.ctypes.data for x in a} <= {x.ctypes.data for x in b}
+    assert len({x.ctypes.data for x in b}) == 3
+    stream.give_buffers(b)
