@@ -106,7 +106,7 @@ def convert(
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
     kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
     indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: 2 per CPU core, at most 16: ~17 MiB each)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16: 20 MiB each)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
     hashes: bool = typer.Option(True, "--hash/--no-hash", help="Record the sha256 of every source and output shard (default). --no-hash saves ~40% of the CPU where the CPU, not the disk, is the limit; verify still compares every byte."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -198,7 +198,7 @@ def _convert_summary(res, json_out: bool) -> None:
 def verify(
     src: str = typer.Argument(..., help="The 3-bit source checkpoint."),
     dst: Path = typer.Argument(..., help="The converted checkpoint."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: 2 per CPU core, at most 16)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prove DST is SRC repacked: bitwise round trip over every byte. Exit 0 only if all matches."""

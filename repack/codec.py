@@ -100,7 +100,7 @@ def sym_qzeros(groups: int, n: int, bits: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(row, (groups, nwords)), dtype=np.uint32).view(np.int32)
 
 
-CHUNK_WORDS = 1 << 18  # 1 MiB of uint32 per step: the temporaries stay in cache
+CHUNK_WORDS = 1 << 17  # 512 KiB of uint32 per step: the step and its temporary stay in L2
 
 
 @contextlib.contextmanager

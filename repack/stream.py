@@ -107,8 +107,8 @@ class SeqReader:
     Blocks start at multiples of ``READ_BLOCK`` and land in page-aligned buffers, so the file is read with
     ``O_DIRECT`` where the filesystem allows it (no page-cache copy); otherwise buffered, with sequential
     read-ahead and the pages dropped once read. The sha256 covers every byte of the file in order.
-    Consumers take bytes in order: ``view`` (zero-copy, valid until the next call), ``read_into``, ``read``,
-    ``skip``.
+    Consumers take bytes in order: ``view`` and ``take`` (zero-copy where the bytes lie in one block, valid
+    until the next call), ``read_into``, ``read``, ``skip``.
     """
 
     def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS):
@@ -127,6 +127,7 @@ class SeqReader:
         self.ready: queue.Queue = queue.Queue()
         self.block: tuple[np.ndarray, int, int] | None = None
         self.unhashed: memoryview | None = None
+        self.scratch = bytearray()
         self.closed = False
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
@@ -209,14 +210,25 @@ class SeqReader:
         start = self.pos - off
         k = min(max_n, n - start) // unit * unit
         if k == 0:
-            out = memoryview(bytearray(unit))
-            self.read_into(out)
-            return out
+            return self._stitch(unit)
         self.pos += k
         v = memoryview(buf)[start : start + k]
         if self.hash is not None:
             self.unhashed = v
         return v
+
+    def take(self, size: int) -> memoryview:
+        """Exactly the next ``size`` bytes, without copying where they lie in one block; valid until the next call."""
+        buf, off, n = self._current()
+        if self.pos + size > off + n:
+            return self._stitch(size)
+        return self.view(size, size) if size else memoryview(b"")
+
+    def _stitch(self, size: int) -> memoryview:
+        """The next ``size`` bytes copied across blocks into a scratch buffer the reader keeps."""
+        if len(self.scratch) < size:
+            self.scratch = bytearray(size)
+        return self.read_into(memoryview(self.scratch)[:size])
 
     def read_into(self, out: memoryview) -> memoryview:
         done = 0

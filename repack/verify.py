@@ -211,8 +211,6 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
                 raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
     sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed)
-    sbuf = np.empty(CHUNK, dtype=np.uint8)
-    dbuf = np.empty(CHUNK + CHUNK // 3 + 64, dtype=np.uint8)
     try:
         sr.read(sp.src.data_offset)
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)
@@ -221,7 +219,7 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             off = _first_diff(want, head)
             raise Found(Difference(dname, None, off, "header bytes differ from the planned header"))
         for op in sp.ops:
-            _verify_op(plan, sp, op, sr, dr, sbuf, dbuf, dname)
+            _verify_op(plan, sp, op, sr, dr, dname)
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
             progress(op.src.nbytes)
         return dr.hexdigest()
@@ -230,15 +228,15 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
         dr.close()
 
 
-def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: str) -> None:
+def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, dname: str) -> None:
     t = op.src
     base = sp.data_offset + (sp.out_offsets[op.out_name][0] if op.out_name else 0)
     if op.op is Op.COPY:
         done = 0
         while done < t.nbytes:
-            n = min(CHUNK, t.nbytes - done)
-            a = np.frombuffer(sr.read_into(memoryview(sbuf)[:n]), dtype=np.uint8)
-            b = np.frombuffer(dr.read_into(memoryview(dbuf)[:n]), dtype=np.uint8)
+            a = np.frombuffer(sr.view(min(CHUNK, t.nbytes - done)), dtype=np.uint8)
+            b = np.frombuffer(dr.take(len(a)), dtype=np.uint8)
+            n = len(a)
             if not np.array_equal(a, b):
                 raise Found(Difference(dname, op.out_name, base + done + _first_diff(a, b), "passthrough bytes differ from the source"))
             done += n
@@ -260,10 +258,10 @@ def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, sbuf, dbuf, dname: st
         rows = max(per, (CHUNK // row) // per * per)
         done = 0
         while done < t.shape[0]:
-            r = min(rows, t.shape[0] - done)
-            a = np.frombuffer(sr.read_into(memoryview(sbuf)[: r * row]), dtype=np.int32).reshape(r, m.n)
+            a = np.frombuffer(sr.view(min(rows, t.shape[0] - done) * row, per * row), dtype=np.int32).reshape(-1, m.n)
+            r = a.shape[0]
             r4 = r * 4 // per if m.bits == 3 else r * 32 // (m.bits * 8)
-            b = np.frombuffer(dr.read_into(memoryview(dbuf)[: r4 * row]), dtype=np.int32).reshape(r4, m.n)
+            b = np.frombuffer(dr.take(r4 * row), dtype=np.int32).reshape(r4, m.n)
             back, ok = codec.transcode_from4(b, m.bits)
             if not ok or not np.array_equal(back, a):
                 expect = codec.transcode_to4(a, m.bits)
