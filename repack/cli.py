@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: no BLAS here, and idle BLAS threads spin
 
+import gc
 import sys
 import tempfile
 from enum import Enum
@@ -455,6 +456,7 @@ def _is_click(e: BaseException, name: str) -> bool:
 def main() -> None:
     """Entry point: run the app; map exceptions to one-line messages and exit codes."""
     interrupted = "interrupted: nothing half-written was kept; run the same command again to resume"
+    gc.freeze()  # the imported modules' objects need no collecting; later collections scan only what runs create
     try:
         rv = app(standalone_mode=False)
     except Mismatch as e:

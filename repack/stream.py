@@ -121,10 +121,10 @@ class SeqReader:
         self.hash = hashlib.sha256() if hashed else None
         self.pos = 0
         self.buffers = take_buffers(READ_BLOCK, blocks)
-        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for b in self.buffers:
             self.free.put(b)
-        self.ready: queue.Queue = queue.Queue()
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
         self.block: tuple[np.ndarray, int, int] | None = None
         self.unhashed: memoryview | None = None
         self.scratch = bytearray()
@@ -301,10 +301,10 @@ class Sink:
         self.stop = stop
         self.hash = hashlib.sha256() if hashed else None
         self.buffers = take_buffers(STAGE, buffers)
-        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for b in self.buffers:
             self.free.put(b)
-        self.q: queue.Queue = queue.Queue()
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.written = 0
         self.queued = 0
