@@ -60,8 +60,11 @@ def default_workers() -> int:
     keeps the cores busy. Each shard in flight holds 20 MiB of buffers (convert and verify alike), so
     MAX_WORKERS bounds peak resident memory near 400 MiB whatever the machine and the checkpoint.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(2, min(MAX_WORKERS, cores))
+    return max(2, min(MAX_WORKERS, cores()))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_paths(src: Path, dst: Path) -> None:
@@ -233,12 +236,13 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
         if s.name in kept:
             progress(s.src_size)
     workers = effective_workers(workers, len(todo))
+    spread = workers < cores()  # spare cores: hash on each shard's reader and writer threads
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 
     def job(sp: ShardPlan) -> None:
         if before_shard is not None:
             before_shard(sp)
-        sha, src_sha = convert_shard(plan, sp, dst, stop, progress, hashes)
+        sha, src_sha = convert_shard(plan, sp, dst, stop, progress, hashes, spread)
         state.done(sp.name, sha, src_sha)
         result.shards_written.append(sp.name)
         if after_shard is not None:
@@ -298,13 +302,13 @@ def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
 
 
 def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, stop: threading.Event, progress: Progress,
-                  hashes: bool = True) -> tuple[str | None, str | None]:
+                  hashes: bool = True, spread: bool = False) -> tuple[str | None, str | None]:
     """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed."""
     src_path = plan.ckpt.root / sp.name
     tmp = dst / STATE_DIR / (sp.name + ".partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    reader = SeqReader(src_path, hashed=hashes)
-    sink = Sink(tmp, stop, hashed=hashes)
+    reader = SeqReader(src_path, hashed=hashes, hash_ahead=spread)
+    sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread)
     ok = False
     try:
         reader.read(sp.src.data_offset)

@@ -102,16 +102,18 @@ class Stopped(Exception):
 
 
 class SeqReader:
-    """Reads a file front to back; a background thread reads ahead ``READ_BLOCK``-sized blocks and hashes them.
+    """Reads a file front to back; a background thread reads ahead ``READ_BLOCK``-sized blocks.
 
     Blocks start at multiples of ``READ_BLOCK`` and land in page-aligned buffers, so the file is read with
     ``O_DIRECT`` where the filesystem allows it (no page-cache copy); otherwise buffered, with sequential
-    read-ahead and the pages dropped once read. The sha256 covers every byte of the file in order.
-    Consumers take bytes in order: ``view`` and ``take`` (zero-copy where the bytes lie in one block, valid
-    until the next call), ``read_into``, ``read``, ``skip``.
+    read-ahead and the pages dropped once read. Consumers take bytes in order: ``view`` and ``take``
+    (zero-copy where the bytes lie in one block, valid until the next call), ``read_into``, ``read``, ``skip``.
+    The sha256 covers every byte of the file in order; it is computed by the consumer after it has used
+    the bytes (cheapest: they are in cache), or with ``hash_ahead`` by the read-ahead thread (more CPU in
+    all, but off the consumer's thread: for when cores would otherwise sit idle).
     """
 
-    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS):
+    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_ahead: bool = False):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
@@ -119,6 +121,7 @@ class SeqReader:
         if not self.direct:
             _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.hash = hashlib.sha256() if hashed else None
+        self.hash_ahead = hash_ahead and hashed
         self.pos = 0
         self.buffers = take_buffers(READ_BLOCK, blocks)
         self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
@@ -142,6 +145,8 @@ class SeqReader:
                     continue
                 want = min(READ_BLOCK, self.size - off)
                 n = self._fill(buf, off, want)
+                if self.hash_ahead:
+                    self.hash.update(memoryview(buf)[:n])
                 self.ready.put((buf, off, n))
                 if n < want:
                     break
@@ -172,7 +177,7 @@ class SeqReader:
         return min(got, want)
 
     def _hash(self, data: memoryview) -> None:
-        if self.hash is not None:
+        if self.hash is not None and not self.hash_ahead:
             self.hash.update(data)
 
     def _catch_up(self) -> None:
@@ -213,7 +218,7 @@ class SeqReader:
             return self._stitch(unit)
         self.pos += k
         v = memoryview(buf)[start : start + k]
-        if self.hash is not None:
+        if self.hash is not None and not self.hash_ahead:
             self.unhashed = v
         return v
 
@@ -262,6 +267,8 @@ class SeqReader:
         self._catch_up()
         self.skip(self.size - self.pos)
         self._catch_up()
+        if self.hash_ahead:
+            self.t.join()
         return self.hash.hexdigest()
 
     def close(self) -> None:
@@ -284,9 +291,10 @@ class SeqReader:
 
 
 class Sink:
-    """Writes a file front to back from page-aligned staging buffers; a background thread hashes and writes them.
+    """Writes a file front to back from page-aligned staging buffers; a background thread writes them.
 
-    Producers either ``write(data)`` (copied into staging) or fill ``space()`` in place and ``commit(n)``.
+    Producers either ``write(data)`` (copied into staging) or fill ``space()`` in place and ``commit(n)``;
+    the sha256 is computed at ``commit``, or with ``hash_behind`` on the writer thread.
     Every staging buffer but the last is ``STAGE`` bytes at an offset that is a multiple of ``STAGE``, so the
     file can be written with ``O_DIRECT`` (no page-cache copy, no dirty pages to flush): the last buffer is
     padded to ``DIRECT_ALIGN`` and the file truncated to its real size. Where the filesystem refuses
@@ -294,12 +302,13 @@ class Sink:
     ``WRITEBACK_EVERY`` bytes and the window before dropped from the cache.
     """
 
-    def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3):
+    def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3, hash_behind: bool = False):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.direct = _direct_io_wanted() and _set_direct(self.fd, True)
         self.stop = stop
         self.hash = hashlib.sha256() if hashed else None
+        self.hash_behind = hash_behind and hashed
         self.buffers = take_buffers(STAGE, buffers)
         self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for b in self.buffers:
@@ -330,6 +339,8 @@ class Sink:
 
     def _write_block(self, buf: np.ndarray, n: int, offset: int) -> None:
         mv = memoryview(buf)
+        if self.hash_behind:
+            self.hash.update(mv[:n])
         size = n
         if self.direct and n % DIRECT_ALIGN:
             size = n + (-n % DIRECT_ALIGN)
@@ -391,7 +402,7 @@ class Sink:
 
     def commit(self, n: int) -> None:
         """The next ``n`` bytes of the last ``space()`` are data (hashed here, while they are in cache)."""
-        if self.hash is not None:
+        if self.hash is not None and not self.hash_behind:
             self.hash.update(memoryview(self.cur)[self.fill : self.fill + n])
         self.fill += n
 

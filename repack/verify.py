@@ -22,7 +22,7 @@ import numpy as np
 
 from repack import codec
 from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint
-from repack.convert import effective_workers, read_tensor
+from repack.convert import cores, effective_workers, read_tensor
 from repack.errors import UserError
 from repack.plan import MANIFEST_NAME, Op, Options, Plan, ShardPlan, build_plan
 from repack.safetensors_io import read_header, to_float32
@@ -105,7 +105,8 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     def job(sp: ShardPlan) -> None:
         local: dict[str, int] = {}
         try:
-            sha = verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None)
+            sha = verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None,
+                               spread=n < cores())
             if sha is not None:
                 dst_sha[sp.name] = sha
         except Found as f:
@@ -195,8 +196,9 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(idx[0]) if idx.size else n
 
 
-def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True) -> str | None:
-    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``)."""
+def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True,
+                 spread: bool = False) -> str | None:
+    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on the read-ahead thread)."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
@@ -210,7 +212,7 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             if t is None or t.dtype != dt or t.shape != shape:
                 raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed)
+    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed, hash_ahead=spread)
     try:
         sr.read(sp.src.data_offset)
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)

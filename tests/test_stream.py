@@ -36,13 +36,14 @@ SIZES = [0, 1, 4095, 4096, 4097, READ_BLOCK - 1, READ_BLOCK, READ_BLOCK + 1, 2 *
 
 
 @IO_MODES
+@pytest.mark.parametrize("ahead", [False, True], ids=["hash-by-consumer", "hash-ahead"])
 @pytest.mark.parametrize("size", SIZES)
-def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, direct, size):
+def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, direct, size, ahead):
     monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     data = _data(size, size)
     p = tmp_path / "f"
     p.write_bytes(data)
-    r = SeqReader(p)
+    r = SeqReader(p, hash_ahead=ahead)
     assert r.direct == (direct == "1" and _direct_supported(tmp_path))
     got, step = bytearray(), 0
     try:
@@ -123,11 +124,12 @@ def test_reader_unhashed_and_closed_early(tmp_path):
 
 @IO_MODES
 @settings(settings.get_profile("stream"))
-@given(pieces=st.lists(st.tuples(st.sampled_from(["write", "space"]), st.integers(0, 3 * STAGE // 2)), max_size=8))
-def test_sink_writes_exact_bytes_and_hash(tmp_path, monkeypatch, direct, pieces):
+@given(pieces=st.lists(st.tuples(st.sampled_from(["write", "space"]), st.integers(0, 3 * STAGE // 2)), max_size=8),
+       behind=st.booleans())
+def test_sink_writes_exact_bytes_and_hash(tmp_path, monkeypatch, direct, pieces, behind):
     monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     p = tmp_path / "out"
-    sink = Sink(p, threading.Event())
+    sink = Sink(p, threading.Event(), hash_behind=behind)
     assert sink.direct == (direct == "1" and _direct_supported(tmp_path))
     want = bytearray()
     for i, (how, n) in enumerate(pieces):
