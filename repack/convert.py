@@ -236,7 +236,7 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
         if s.name in kept:
             progress(s.src_size)
     workers = effective_workers(workers, len(todo))
-    spread = workers < cores()  # spare cores: hash on each shard's reader and writer threads
+    spread = workers < cores()  # spare cores: hash on threads of their own, beside each shard's reader and writer
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 
     def job(sp: ShardPlan) -> None:

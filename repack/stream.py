@@ -109,8 +109,9 @@ class SeqReader:
     read-ahead and the pages dropped once read. Consumers take bytes in order: ``view`` and ``take``
     (zero-copy where the bytes lie in one block, valid until the next call), ``read_into``, ``read``, ``skip``.
     The sha256 covers every byte of the file in order; it is computed by the consumer after it has used
-    the bytes (cheapest: they are in cache), or with ``hash_ahead`` by the read-ahead thread (more CPU in
-    all, but off the consumer's thread: for when cores would otherwise sit idle).
+    the bytes (cheapest: they are in cache), or with ``hash_ahead`` on a thread of its own between the
+    read-ahead thread and the consumer (more CPU in all, but off the consumer's thread: for when cores would
+    otherwise sit idle).
     """
 
     def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_ahead: bool = False):
@@ -132,8 +133,25 @@ class SeqReader:
         self.unhashed: memoryview | None = None
         self.scratch = bytearray()
         self.closed = False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
+        self.raw: queue.SimpleQueue = queue.SimpleQueue() if self.hash_ahead else self.ready
+        self.threads = [threading.Thread(target=self._run, daemon=True)]
+        if self.hash_ahead:
+            self.threads.append(threading.Thread(target=self._hash_blocks, daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def _hash_blocks(self) -> None:
+        """Between the read-ahead thread and the consumer: hash each block in file order."""
+        while True:
+            item = self.raw.get()
+            if isinstance(item, tuple):
+                try:
+                    self.hash.update(memoryview(item[0])[: item[2]])
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    item = e
+            self.ready.put(item)
+            if not isinstance(item, tuple):
+                return
 
     def _run(self) -> None:
         off = 0
@@ -145,15 +163,13 @@ class SeqReader:
                     continue
                 want = min(READ_BLOCK, self.size - off)
                 n = self._fill(buf, off, want)
-                if self.hash_ahead:
-                    self.hash.update(memoryview(buf)[:n])
-                self.ready.put((buf, off, n))
+                self.raw.put((buf, off, n))
                 if n < want:
                     break
                 off += n
-            self.ready.put(None)
+            self.raw.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self.ready.put(e)
+            self.raw.put(e)
 
     def _fill(self, buf: np.ndarray, off: int, want: int) -> int:
         mv = memoryview(buf)
@@ -267,8 +283,8 @@ class SeqReader:
         self._catch_up()
         self.skip(self.size - self.pos)
         self._catch_up()
-        if self.hash_ahead:
-            self.t.join()
+        for t in self.threads:
+            t.join()
         return self.hash.hexdigest()
 
     def close(self) -> None:
@@ -278,14 +294,13 @@ class SeqReader:
         if self.block is not None:
             self.free.put(self.block[0])
             self.block = None
-        while self.t.is_alive():
+        while any(t.is_alive() for t in self.threads):
             try:
                 item = self.ready.get(timeout=0.05)
             except queue.Empty:
                 continue
             if isinstance(item, tuple):
                 self.free.put(item[0])
-        self.t.join()
         os.close(self.fd)
         give_buffers(self.buffers)
 
@@ -294,7 +309,7 @@ class Sink:
     """Writes a file front to back from page-aligned staging buffers; a background thread writes them.
 
     Producers either ``write(data)`` (copied into staging) or fill ``space()`` in place and ``commit(n)``;
-    the sha256 is computed at ``commit``, or with ``hash_behind`` on the writer thread.
+    the sha256 is computed at ``commit``, or with ``hash_behind`` on a thread of its own before the writer's.
     Every staging buffer but the last is ``STAGE`` bytes at an offset that is a multiple of ``STAGE``, so the
     file can be written with ``O_DIRECT`` (no page-cache copy, no dirty pages to flush): the last buffer is
     padded to ``DIRECT_ALIGN`` and the file truncated to its real size. Where the filesystem refuses
@@ -320,8 +335,25 @@ class Sink:
         self.cur: np.ndarray | None = None
         self.fill = 0
         self.window = (0, 0)
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue() if self.hash_behind else self.q
+        self.threads = [threading.Thread(target=self._run, daemon=True)]
+        if self.hash_behind:
+            self.threads.append(threading.Thread(target=self._hash_blocks, daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def _hash_blocks(self) -> None:
+        """Between the producer and the writer thread: hash each staging buffer in file order."""
+        while True:
+            item = self.inbox.get()
+            if item is not None and self.error is None:
+                try:
+                    self.hash.update(memoryview(item[0])[: item[1]])
+                except BaseException as e:  # noqa: BLE001 - handed to the producer
+                    self.error = e
+            self.q.put(item)
+            if item is None:
+                return
 
     def _run(self) -> None:
         while True:
@@ -339,8 +371,6 @@ class Sink:
 
     def _write_block(self, buf: np.ndarray, n: int, offset: int) -> None:
         mv = memoryview(buf)
-        if self.hash_behind:
-            self.hash.update(mv[:n])
         size = n
         if self.direct and n % DIRECT_ALIGN:
             size = n + (-n % DIRECT_ALIGN)
@@ -387,7 +417,7 @@ class Sink:
 
     def _flush(self) -> None:
         if self.cur is not None and self.fill:
-            self.q.put((self.cur, self.fill, self.queued))
+            self.inbox.put((self.cur, self.fill, self.queued))
             self.queued += self.fill
             self.cur, self.fill = None, 0
 
@@ -428,8 +458,9 @@ class Sink:
         """Flush, fsync and close; returns the sha256 of everything written (None when not hashed)."""
         self._check()
         self._flush()
-        self.q.put(None)
-        self.t.join()
+        self.inbox.put(None)
+        for t in self.threads:
+            t.join()
         try:
             if self.error is not None:
                 raise self.error
@@ -446,13 +477,14 @@ class Sink:
             return
         os.close(self.fd)
         self.fd = -1
-        if not self.t.is_alive():
+        if not any(t.is_alive() for t in self.threads):
             give_buffers(self.buffers)
 
     def abort(self) -> None:
         self.error = self.error or Stopped()
-        self.q.put(None)
-        self.t.join(timeout=5)
+        self.inbox.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
         self._release()
 
 
