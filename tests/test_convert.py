@@ -298,3 +298,52 @@ def test_verify_flags_a_hashed_manifest_that_lost_a_hash(converted, tmp_path):
     (dst / "w3repack.json").write_text(json.dumps(man))
     rep = verify(src, dst)
     assert not rep.ok and any(f"no sha256 recorded for {victim}" in d.line() for d in rep.differences)
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory) -> Path:
+    """Experts with qweights of several MiB: tensors cross read blocks and write buffers at odd offsets."""
+    spec = synth.TinySpec(hidden=2048, moe_intermediate=1536, intermediate=3072, experts=4, layers=2, mtp=False,
+                          shard_bytes=16 << 20)
+    return synth.write_checkpoint(tmp_path_factory.mktemp("wide") / "src", spec)
+
+
+@pytest.fixture(scope="module")
+def wide_ref(wide_ckpt, tmp_path_factory) -> Path:
+    """The wide checkpoint converted with buffered I/O, checked against the independent decoder (a sample)."""
+    dst = tmp_path_factory.mktemp("wide_ref") / "o"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("W3REPACK_DIRECT_IO", "0")
+    try:
+        convert(wide_ckpt, dst, Options(), workers=2)
+    finally:
+        mp.undo()
+    sh, sraw = read_dir(wide_ckpt)
+    dh, draw = read_dir(dst)
+    q3 = sorted((n for n in sh if n.endswith(".qweight") and "kv_b_proj" not in n
+                 and _width(sh, n[: -len(".qweight")]) == 3), key=lambda n: -len(sraw[n]))
+    for name in q3[:2] + q3[-1:]:
+        q = decode_bigint(sraw[name], sh[name]["shape"], 3)
+        assert np.array_equal(decode_bigint(draw[name], dh[name]["shape"], 4), q + 4), name
+    for name in sh:
+        if not name.endswith((".qweight", ".qzeros")) and "kv_b_proj" not in name:
+            assert draw[name] == sraw[name], name
+    return dst
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct-io", "buffered-io"])
+@pytest.mark.parametrize("spread", [False, True], ids=["hash-in-worker", "hash-on-own-threads"])
+def test_io_mode_and_hash_placement_do_not_change_a_byte(wide_ckpt, wide_ref, tmp_path, monkeypatch, direct, spread):
+    import repack.convert as conv
+
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    monkeypatch.setattr(conv, "cores", lambda: 64 if spread else 1)
+    dst = tmp_path / "o"
+    res = convert(wide_ckpt, dst, Options(), workers=2)
+    assert len(res.plan.shards) >= 3 and max(s.out_size for s in res.plan.shards) > 3 * (4 << 20)
+    assert _shard_bytes(dst) == _shard_bytes(wide_ref)
+    for s in res.manifest["output_shards"]:
+        assert s["sha256"] == hashlib.sha256((dst / s["name"]).read_bytes()).hexdigest()
+    for s in res.manifest["source"]["files"]:
+        assert s["sha256"] == hashlib.sha256((wide_ckpt / s["name"]).read_bytes()).hexdigest()
+    assert verify(wide_ckpt, dst).ok
