@@ -7,7 +7,8 @@ valid 3-bit codes, ~8% bf16 float tensors) of the given sizes, then, per size an
 reading both trees (``cat > /dev/null``) and ``w3repack verify``, dropping the page cache before each step
 when permitted (root). Reports medians: MB/s of source bytes, ratios against the baselines, CPU seconds
 per GB, and the peak resident memory of each process (``wait4`` rusage). Also measures the codec alone
-(one core) and a single-shard checkpoint (memory must not grow with shard size), and projects the time
+(one core), the fixed cost of a run (a 10 MB checkpoint), and a single-shard checkpoint (memory must not
+grow with shard size), and projects the time
 for a model of ``--project-gb`` from the measured CPU cost and assumed disk rates.
 
     python scripts/bench_convert.py --sizes 0.5 1 2 --single-shard-gb 2 --repeat 3
@@ -158,6 +159,19 @@ def bench_codec(mib: int = 64, reps: int = 5) -> dict:
     return res
 
 
+def bench_fixed(base: Path, repeat: int, cold: bool, w3: list[str]) -> dict:
+    """The fixed cost of a run (interpreter, imports, plan, manifest): ``convert`` of a ~10 MB checkpoint."""
+    shutil.rmtree(base, ignore_errors=True)
+    src, dst = base / "src", base / "dst"
+    generate(src, 0.01, 256 << 20)
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(dst, ignore_errors=True)
+        runs.append(timed(w3 + ["convert", str(src), str(dst)], cold))
+    shutil.rmtree(base)
+    return median_of(runs)
+
+
 def run_size(label: str, base: Path, gb: float, shard_mb: int, workers: int, repeat: int, cold: bool, w3: list[str]) -> dict:
     shutil.rmtree(base, ignore_errors=True)
     src, dst, cpd = base / "src", base / "dst", base / "cp"
@@ -207,6 +221,7 @@ def main() -> None:
     w3 = [sys.executable, "-m", "repack"]
 
     codec_res = bench_codec()
+    fixed = bench_fixed(args.dir / "tiny", args.repeat, cold, w3)
     rows = [run_size(f"{gb:g} GB", args.dir / f"{gb:g}GB", gb, args.shard_mb, workers, args.repeat, cold, w3) for gb in args.sizes]
     if args.single_shard_gb:
         gb = args.single_shard_gb
@@ -219,6 +234,8 @@ def main() -> None:
     print(f"  3->4 transcode {codec_res['to4_mb_s']:8.0f}   (4 MiB chunks as convert feeds it: {codec_res['to4_chunked_mb_s']:.0f})")
     print(f"  4->3 transcode {codec_res['from4_mb_s']:8.0f}   (verify)")
     print(f"  sha256         {codec_res['sha256_mb_s']:8.0f}   (convert hashes source and output)\n")
+    print(f"fixed cost of one convert run (interpreter, imports, plan, manifest; a 10 MB checkpoint): {fixed['s']:.2f} s, "
+          f"{fixed['cpu']:.2f} CPU-s\n")
     hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MB/s':>5} {'/cp':>5} {'--no-hash s':>11} {'/cp':>5} "
            f"{'read both s':>11} {'verify s':>8} {'MB/s':>5} {'/read':>5} {'(no-hash) s':>11} {'/read':>5} "
            f"{'conv RSS':>8} {'ver RSS':>8} {'cp RSS':>6}")
@@ -257,7 +274,7 @@ def main() -> None:
     print(f"  convert: CPU {cpu_conv / 60:.1f} min, disk {disk_conv / 60:.1f} min -> about {max(cpu_conv, disk_conv) / 60:.1f} min")
     print(f"  verify:  CPU {cpu_ver / 60:.1f} min, disk {disk_ver / 60:.1f} min -> about {max(cpu_ver, disk_ver) / 60:.1f} min")
     if args.json:
-        args.json.write_text(json.dumps({"codec": codec_res, "rows": rows, "workers": workers, "cold": cold}, indent=2))
+        args.json.write_text(json.dumps({"codec": codec_res, "fixed": fixed, "rows": rows, "workers": workers, "cold": cold}, indent=2))
 
 
 if __name__ == "__main__":
