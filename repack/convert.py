@@ -236,7 +236,7 @@ def _convert(src, dst, options, workers, overwrite, progress, stop, plan, before
         if s.name in kept:
             progress(s.src_size)
     workers = effective_workers(workers, len(todo))
-    spread = workers < cores()  # spare cores: hash on threads of their own, beside each shard's reader and writer
+    spread = workers < cores()  # spare cores: each shard's output is hashed on a thread of its own
     result = Result(plan, dst, 0.0, shards_kept=sorted(kept))
 
     def job(sp: ShardPlan) -> None:
@@ -303,11 +303,15 @@ def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
 
 def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, stop: threading.Event, progress: Progress,
                   hashes: bool = True, spread: bool = False) -> tuple[str | None, str | None]:
-    """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed."""
+    """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed.
+
+    The worker transcodes and hashes the source bytes it has just used; ``spread`` moves the output's hash to
+    a thread of its own (for when cores would otherwise sit idle: fewer shards in flight than cores).
+    """
     src_path = plan.ckpt.root / sp.name
     tmp = dst / STATE_DIR / (sp.name + ".partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    reader = SeqReader(src_path, hashed=hashes, hash_ahead=spread)
+    reader = SeqReader(src_path, hashed=hashes)
     sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread)
     ok = False
     try:

@@ -332,7 +332,7 @@ def wide_ref(wide_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("direct", ["1", "0"], ids=["direct-io", "buffered-io"])
-@pytest.mark.parametrize("spread", [False, True], ids=["hash-in-worker", "hash-on-own-threads"])
+@pytest.mark.parametrize("spread", [False, True], ids=["hash-in-worker", "output-hash-on-own-thread"])
 def test_io_mode_and_hash_placement_do_not_change_a_byte(wide_ckpt, wide_ref, tmp_path, monkeypatch, direct, spread):
     import repack.convert as conv
 
