@@ -109,7 +109,7 @@ def convert(
     indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16: 20 MiB each)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
-    hashes: bool = typer.Option(True, "--hash/--no-hash", help="Record the sha256 of every source and output shard (default). --no-hash saves ~40% of the CPU where the CPU, not the disk, is the limit; verify still compares every byte."),
+    hashes: bool = typer.Option(True, "--hash/--no-hash", help="Record the sha256 of every source and output shard (default). --no-hash saves ~60% of the CPU where the CPU, not the disk, is the limit; verify still compares every byte."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub source: branch, tag or commit (same as SRC@REVISION)."),
     delete_source_shards: bool = typer.Option(False, "--delete-source-shards", help="Hub source: delete each cached source shard once its output shard is finished (peak disk: output + one shard)."),
