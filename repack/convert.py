@@ -306,7 +306,8 @@ def convert_shard(plan: Plan, sp: ShardPlan, dst: Path, stop: threading.Event, p
     """Stream one source shard into its output shard; returns (output sha256, source sha256), None unhashed.
 
     The worker transcodes and hashes the source bytes it has just used; ``spread`` moves the output's hash to
-    a thread of its own (for when cores would otherwise sit idle: fewer shards in flight than cores).
+    a thread of its own (for when cores would otherwise sit idle: fewer shards in flight than cores). Moving
+    the source's hash off the worker too measured no faster: it then hashes bytes no longer in cache.
     """
     src_path = plan.ckpt.root / sp.name
     tmp = dst / STATE_DIR / (sp.name + ".partial")

@@ -109,12 +109,12 @@ class SeqReader:
     read-ahead and the pages dropped once read. Consumers take bytes in order: ``view`` and ``take``
     (zero-copy where the bytes lie in one block, valid until the next call), ``read_into``, ``read``, ``skip``.
     The sha256 covers every byte of the file in order; it is computed by the consumer after it has used
-    the bytes (cheapest: they are in cache), or with ``hash_ahead`` on a thread of its own between the
-    read-ahead thread and the consumer (more CPU in all, but off the consumer's thread: for when cores would
-    otherwise sit idle).
+    the bytes (cheapest: they are in cache), or with ``hash_behind`` on a thread of its own that takes each
+    block once the consumer has moved past it (off the consumer's thread: for when cores would otherwise sit
+    idle).
     """
 
-    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_ahead: bool = False):
+    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_behind: bool = False):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
@@ -122,36 +122,45 @@ class SeqReader:
         if not self.direct:
             _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.hash = hashlib.sha256() if hashed else None
-        self.hash_ahead = hash_ahead and hashed
+        self.hash_behind = hash_behind and hashed
+        self.hash_error: BaseException | None = None
         self.pos = 0
         self.buffers = take_buffers(READ_BLOCK, blocks)
         self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for b in self.buffers:
             self.free.put(b)
         self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        self.used: queue.SimpleQueue = queue.SimpleQueue()
         self.block: tuple[np.ndarray, int, int] | None = None
         self.unhashed: memoryview | None = None
         self.scratch = bytearray()
         self.closed = False
-        self.raw: queue.SimpleQueue = queue.SimpleQueue() if self.hash_ahead else self.ready
         self.threads = [threading.Thread(target=self._run, daemon=True)]
-        if self.hash_ahead:
-            self.threads.append(threading.Thread(target=self._hash_blocks, daemon=True))
+        if self.hash_behind:
+            self.threads.append(threading.Thread(target=self._hash_used, daemon=True))
         for t in self.threads:
             t.start()
 
-    def _hash_blocks(self) -> None:
-        """Between the read-ahead thread and the consumer: hash each block in file order."""
+    def _hash_used(self) -> None:
+        """Hash each block once the consumer has moved past it (in file order, still warm in cache), then free it."""
         while True:
-            item = self.raw.get()
-            if isinstance(item, tuple):
-                try:
-                    self.hash.update(memoryview(item[0])[: item[2]])
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                    item = e
-            self.ready.put(item)
-            if not isinstance(item, tuple):
+            item = self.used.get()
+            if item is None:
                 return
+            buf, n = item
+            try:
+                if self.hash_error is None:
+                    self.hash.update(memoryview(buf)[:n])
+            except BaseException as e:  # noqa: BLE001 - raised by hexdigest
+                self.hash_error = e
+            finally:
+                self.free.put(buf)
+
+    def _release(self, block: tuple[np.ndarray, int, int]) -> None:
+        if self.hash_behind and not self.closed:
+            self.used.put((block[0], block[2]))
+        else:
+            self.free.put(block[0])
 
     def _run(self) -> None:
         off = 0
@@ -163,13 +172,13 @@ class SeqReader:
                     continue
                 want = min(READ_BLOCK, self.size - off)
                 n = self._fill(buf, off, want)
-                self.raw.put((buf, off, n))
+                self.ready.put((buf, off, n))
                 if n < want:
                     break
                 off += n
-            self.raw.put(None)
+            self.ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self.raw.put(e)
+            self.ready.put(e)
 
     def _fill(self, buf: np.ndarray, off: int, want: int) -> int:
         mv = memoryview(buf)
@@ -193,7 +202,7 @@ class SeqReader:
         return min(got, want)
 
     def _hash(self, data: memoryview) -> None:
-        if self.hash is not None and not self.hash_ahead:
+        if self.hash is not None and not self.hash_behind:
             self.hash.update(data)
 
     def _catch_up(self) -> None:
@@ -207,7 +216,7 @@ class SeqReader:
         self._catch_up()
         while self.block is None or self.pos >= self.block[1] + self.block[2]:
             if self.block is not None:
-                self.free.put(self.block[0])
+                self._release(self.block)
                 self.block = None
             if self.pos >= self.size:
                 raise self._eof()
@@ -234,7 +243,7 @@ class SeqReader:
             return self._stitch(unit)
         self.pos += k
         v = memoryview(buf)[start : start + k]
-        if self.hash is not None and not self.hash_ahead:
+        if self.hash is not None and not self.hash_behind:
             self.unhashed = v
         return v
 
@@ -283,8 +292,14 @@ class SeqReader:
         self._catch_up()
         self.skip(self.size - self.pos)
         self._catch_up()
-        for t in self.threads:
-            t.join()
+        if self.hash_behind:
+            if self.block is not None:
+                self._release(self.block)
+                self.block = None
+            self.used.put(None)
+            self.threads[1].join()
+            if self.hash_error is not None:
+                raise self.hash_error
         return self.hash.hexdigest()
 
     def close(self) -> None:
@@ -294,6 +309,7 @@ class SeqReader:
         if self.block is not None:
             self.free.put(self.block[0])
             self.block = None
+        self.used.put(None)
         while any(t.is_alive() for t in self.threads):
             try:
                 item = self.ready.get(timeout=0.05)

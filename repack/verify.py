@@ -198,7 +198,7 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True,
                  spread: bool = False) -> str | None:
-    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on the read-ahead thread)."""
+    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on a thread of its own)."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
@@ -212,7 +212,7 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             if t is None or t.dtype != dt or t.shape != shape:
                 raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed, hash_ahead=spread)
+    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed, hash_behind=spread)
     try:
         sr.read(sp.src.data_offset)
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)

@@ -335,9 +335,11 @@ def wide_ref(wide_ckpt, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("spread", [False, True], ids=["hash-in-worker", "output-hash-on-own-thread"])
 def test_io_mode_and_hash_placement_do_not_change_a_byte(wide_ckpt, wide_ref, tmp_path, monkeypatch, direct, spread):
     import repack.convert as conv
+    import repack.verify as ver
 
     monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     monkeypatch.setattr(conv, "cores", lambda: 64 if spread else 1)
+    monkeypatch.setattr(ver, "cores", lambda: 64 if spread else 1)
     dst = tmp_path / "o"
     res = convert(wide_ckpt, dst, Options(), workers=2)
     assert len(res.plan.shards) >= 3 and max(s.out_size for s in res.plan.shards) > 3 * (4 << 20)
@@ -346,4 +348,9 @@ def test_io_mode_and_hash_placement_do_not_change_a_byte(wide_ckpt, wide_ref, tm
         assert s["sha256"] == hashlib.sha256((dst / s["name"]).read_bytes()).hexdigest()
     for s in res.manifest["source"]["files"]:
         assert s["sha256"] == hashlib.sha256((wide_ckpt / s["name"]).read_bytes()).hexdigest()
-    assert verify(wide_ckpt, dst).ok
+    rep = verify(wide_ckpt, dst)
+    assert rep.ok and rep.hashes_checked == len(res.plan.shards)
+    data = bytearray((dst / res.plan.shards[0].name).read_bytes())
+    data[-3] ^= 0x10
+    (dst / res.plan.shards[0].name).write_bytes(data)
+    assert not verify(wide_ckpt, dst).ok

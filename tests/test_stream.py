@@ -36,14 +36,14 @@ SIZES = [0, 1, 4095, 4096, 4097, READ_BLOCK - 1, READ_BLOCK, READ_BLOCK + 1, 2 *
 
 
 @IO_MODES
-@pytest.mark.parametrize("ahead", [False, True], ids=["hash-by-consumer", "hash-ahead"])
+@pytest.mark.parametrize("ahead", [False, True], ids=["hash-by-consumer", "hash-behind"])
 @pytest.mark.parametrize("size", SIZES)
 def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, direct, size, ahead):
     monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     data = _data(size, size)
     p = tmp_path / "f"
     p.write_bytes(data)
-    r = SeqReader(p, hash_ahead=ahead)
+    r = SeqReader(p, hash_behind=ahead)
     assert r.direct == (direct == "1" and _direct_supported(tmp_path))
     got, step = bytearray(), 0
     try:
