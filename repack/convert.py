@@ -64,6 +64,7 @@ def default_workers() -> int:
 
 
 def cores() -> int:
+    """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
