@@ -178,3 +178,32 @@ def test_buffers_are_reused_not_shared(tmp_path):
     assert {x.ctypes.data for x in a} <= {x.ctypes.data for x in b}
     assert len({x.ctypes.data for x in b}) == 3
     stream.give_buffers(b)
+
+
+def test_direct_io_refused_by_the_kernel_falls_back_to_buffered(tmp_path, monkeypatch):
+    """An O_DIRECT transfer the kernel refuses (EINVAL: here an unaligned offset) is retried buffered, not lost."""
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", "1")
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    data = _data(3 * 4096 + 5)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    r = SeqReader(p, hashed=False)
+    try:
+        assert r.direct
+        buf = stream.take_buffers(READ_BLOCK, 1)[0]
+        assert r._fill(buf, 1, 4096) == 4096 and not r.direct
+        assert bytes(buf[:4096]) == data[1:4097]
+        stream.give_buffers([buf])
+    finally:
+        r.close()
+    sink = Sink(tmp_path / "out", threading.Event(), hashed=False)
+    assert sink.direct
+    block = stream.take_buffers(STAGE, 1)[0]
+    block[:100] = np.frombuffer(data[:100], dtype=np.uint8)
+    sink._write_block(block, 100, 1)
+    stream.give_buffers([block])
+    assert not sink.direct
+    sink.queued = 101
+    sink.finish()
+    assert (tmp_path / "out").read_bytes() == b"\0" + data[:100]
