@@ -57,8 +57,11 @@ def _advise(fd: int, offset: int, length: int, advice_name: str) -> None:
             pass
 
 
-def _direct_io_wanted() -> bool:
-    return hasattr(os, "O_DIRECT") and os.environ.get("W3REPACK_DIRECT_IO", "1") not in ("0", "false", "no")
+def _try_direct(fd: int) -> bool:
+    """Turn ``O_DIRECT`` on where the platform, the filesystem and ``W3REPACK_DIRECT_IO`` allow; returns whether it is on."""
+    if not hasattr(os, "O_DIRECT") or os.environ.get("W3REPACK_DIRECT_IO", "1") in ("0", "false", "no"):
+        return False
+    return _set_direct(fd, True)
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -97,6 +100,14 @@ def give_buffers(bufs: list[np.ndarray]) -> None:
             _SPARE.setdefault(len(b), []).append(b)
 
 
+def _start_threads(*targets) -> list[threading.Thread]:
+    """Daemon threads running ``targets`` (``None`` entries skipped), started."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets if t is not None]
+    for t in threads:
+        t.start()
+    return threads
+
+
 class Stopped(Exception):
     """Raised inside workers when the run is being cancelled."""
 
@@ -118,7 +129,7 @@ class SeqReader:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
-        self.direct = _direct_io_wanted() and _set_direct(self.fd, True)
+        self.direct = _try_direct(self.fd)
         if not self.direct:
             _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.hash = hashlib.sha256() if hashed else None
@@ -135,11 +146,7 @@ class SeqReader:
         self.unhashed: memoryview | None = None
         self.scratch = bytearray()
         self.closed = False
-        self.threads = [threading.Thread(target=self._run, daemon=True)]
-        if self.hash_behind:
-            self.threads.append(threading.Thread(target=self._hash_used, daemon=True))
-        for t in self.threads:
-            t.start()
+        self.threads = _start_threads(self._run, self._hash_used if self.hash_behind else None)
 
     def _hash_used(self) -> None:
         """Hash each block once the consumer has moved past it (in file order, still warm in cache), then free it."""
@@ -336,7 +343,7 @@ class Sink:
     def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3, hash_behind: bool = False):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.direct = _direct_io_wanted() and _set_direct(self.fd, True)
+        self.direct = _try_direct(self.fd)
         self.stop = stop
         self.hash = hashlib.sha256() if hashed else None
         self.hash_behind = hash_behind and hashed
@@ -352,11 +359,7 @@ class Sink:
         self.fill = 0
         self.window = (0, 0)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue() if self.hash_behind else self.q
-        self.threads = [threading.Thread(target=self._run, daemon=True)]
-        if self.hash_behind:
-            self.threads.append(threading.Thread(target=self._hash_blocks, daemon=True))
-        for t in self.threads:
-            t.start()
+        self.threads = _start_threads(self._run, self._hash_blocks if self.hash_behind else None)
 
     def _hash_blocks(self) -> None:
         """Between the producer and the writer thread: hash each staging buffer in file order."""

@@ -1,5 +1,6 @@
 """Streaming reader/writer: every byte in order, sha256 equal to hashlib's over the file, direct and buffered I/O."""
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -31,6 +32,19 @@ def _data(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
+@contextlib.contextmanager
+def _reader_on(tmp_path, monkeypatch, direct: str, data: bytes, **kw):
+    """A SeqReader over a file holding ``data``, in the I/O mode ``direct``; closed afterwards."""
+    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    r = SeqReader(p, **kw)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
 # sizes around the block and alignment boundaries
 SIZES = [0, 1, 4095, 4096, 4097, READ_BLOCK - 1, READ_BLOCK, READ_BLOCK + 1, 2 * READ_BLOCK + 12345, STAGE + 7]
 
@@ -39,14 +53,10 @@ SIZES = [0, 1, 4095, 4096, 4097, READ_BLOCK - 1, READ_BLOCK, READ_BLOCK + 1, 2 *
 @pytest.mark.parametrize("ahead", [False, True], ids=["hash-by-consumer", "hash-behind"])
 @pytest.mark.parametrize("size", SIZES)
 def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, direct, size, ahead):
-    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     data = _data(size, size)
-    p = tmp_path / "f"
-    p.write_bytes(data)
-    r = SeqReader(p, hash_behind=ahead)
-    assert r.direct == (direct == "1" and _direct_supported(tmp_path))
-    got, step = bytearray(), 0
-    try:
+    with _reader_on(tmp_path, monkeypatch, direct, data, hash_behind=ahead) as r:
+        assert r.direct == (direct == "1" and _direct_supported(tmp_path))
+        got, step = bytearray(), 0
         while len(got) < size:
             step += 1
             left = size - len(got)
@@ -72,19 +82,13 @@ def test_reader_returns_every_byte_and_hashes_the_file(tmp_path, monkeypatch, di
                 got += data[before : before + n]
         assert bytes(got) == data
         assert r.hexdigest() == hashlib.sha256(data).hexdigest()
-    finally:
-        r.close()
 
 
 @IO_MODES
 def test_view_copies_one_unit_across_a_block_boundary(tmp_path, monkeypatch, direct):
-    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     data = _data(3 * READ_BLOCK, 1)
-    p = tmp_path / "f"
-    p.write_bytes(data)
     unit = 12 * 1000
-    r = SeqReader(p)
-    try:
+    with _reader_on(tmp_path, monkeypatch, direct, data) as r:
         first = r.view(READ_BLOCK, unit)
         assert len(first) == READ_BLOCK // unit * unit
         across = r.view(10 * unit, unit)
@@ -93,23 +97,15 @@ def test_view_copies_one_unit_across_a_block_boundary(tmp_path, monkeypatch, dir
         rest = r.view(10 * unit, unit)
         assert bytes(rest) == data[len(first) + unit : len(first) + unit + len(rest)]
         assert r.hexdigest() == hashlib.sha256(data).hexdigest()
-    finally:
-        r.close()
 
 
 @IO_MODES
 def test_reader_reports_a_file_shorter_than_at_open(tmp_path, monkeypatch, direct):
-    monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
-    p = tmp_path / "f"
-    p.write_bytes(_data(3 * READ_BLOCK))
-    r = SeqReader(p, blocks=1)
-    try:
+    with _reader_on(tmp_path, monkeypatch, direct, _data(3 * READ_BLOCK), blocks=1) as r:
         r.read(100)
-        os.truncate(p, READ_BLOCK + 10)
+        os.truncate(r.path, READ_BLOCK + 10)
         with pytest.raises(FormatError, match="unexpected end of file"):
             r.skip(3 * READ_BLOCK - 100)
-    finally:
-        r.close()
 
 
 def test_reader_unhashed_and_closed_early(tmp_path):
