@@ -1,3 +1,3 @@
-from repack.cli import main
+from repack.cli.app import main
 
 main()

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from repack import __version__
 from repack.errors import UserError
-from repack.plan import MANIFEST_NAME
+from repack.output import finished_output
 from repack.serve import launcher, planner, recipes
 
 ADDED_TAGS = ["w3repack", "gptq", "4-bit"]
@@ -124,10 +124,9 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     from huggingface_hub import ModelCardData
 
     dst = Path(dst)
-    man = json.loads((dst / MANIFEST_NAME).read_text())
+    man = finished_output(dst)
     config = json.loads((dst / "config.json").read_text())
-    src = man.get("source") or {}
-    hub = src.get("hub") or {}
+    hub = man.hub or {}
     source_repo = hub.get("repo")
     src_meta, _ = source_metadata(dst)
     meta = card_metadata(src_meta, source_repo)
@@ -135,14 +134,14 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     arch = (config.get("architectures") or ["?"])[0]
     name = repo_id.split("/")[-1]
     origin = (f"[{source_repo}](https://huggingface.co/{source_repo}) at revision `{hub.get('revision', 'main')}` "
-              f"(commit `{hub.get('commit', '?')}`)" if source_repo else f"a local checkpoint (`{Path(src.get('path', '?')).name}`)")
+              f"(commit `{hub.get('commit', '?')}`)" if source_repo else f"a local checkpoint (`{Path(man.source_path or '?').name}`)")
     try:
         rows, plan_error = plan_rows(dst), None
     except PLAN_ERRORS as e:
         rows, plan_error = [], str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
     out = ["---", ModelCardData(**meta).to_yaml().rstrip(), "---", "", f"# {name}", ""]
-    out += [f"4-bit GPTQ repack of {origin}, made losslessly with w3repack {man.get('tool_version', __version__)} "
+    out += [f"4-bit GPTQ repack of {origin}, made losslessly with w3repack {man.tool_version or __version__} "
             f"so that stock vLLM serves it with its Marlin kernels (3-bit AutoRound checkpoints are refused there).", ""]
     if meta.get("base_model"):
         out += [f"Base model: `{meta['base_model'] if isinstance(meta['base_model'], str) else ', '.join(meta['base_model'])}`. "
@@ -155,13 +154,13 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
             "Quantization config: " + ", ".join(f"`{k}: {json.dumps(qc.get(k))}`" for k in ("quant_method", "bits", "group_size", "sym"))
             + ".", "",
             "| module class | count |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in (man.get("counts") or {}).items()]
-    floats = man.get("float_modules") or []
+    out += [f"| {k} | {v} |" for k, v in man.counts.items()]
+    floats = man.float_modules
     if floats:
         out += ["", f"{len(floats)} modules (e.g. `{floats[0]}`) are stored as their exactly dequantized float32 weights "
                 "and marked unquantized, which avoids a vLLM MLA crash on long prompts with a quantized `kv_b_proj`."]
     out += ["", "### Verification", ""]
-    verify_report = verify_report or man.get("verify")
+    verify_report = verify_report or man.verify
     if verify_report:
         tensors = verify_report.get("tensors_checked") or verify_report.get("tensors") or {}
         status = "identical" if verify_report.get("ok") else "DIFFERENT"
@@ -173,9 +172,9 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     else:
         out += ["Re-check it with `w3repack verify <source> <this checkpoint>`: a bitwise round trip over every byte."]
     out += ["", "sha256 of every shard (also in `w3repack.json`):", "", "| shard | source sha256 | output sha256 |", "|---|---|---|"]
-    srcs = {f.get("name"): f.get("sha256") for f in src.get("files") or [] if isinstance(f, dict)}
-    for s in man.get("output_shards") or []:
-        out.append(f"| {s.get('name')} | `{srcs.get(s.get('name')) or 'not recorded'}` | `{s.get('sha256') or 'not recorded'}` |")
+    srcs = {f.name: f.sha256 for f in man.source_files}
+    for s in man.output_shards:
+        out.append(f"| {s.name} | `{srcs.get(s.name) or 'not recorded'}` | `{s.sha256 or 'not recorded'}` |")
     out += ["", "## Memory plan", ""]
     if rows:
         out += ["From `w3repack plan` (shard headers and config.json; stated allowances for activations, CUDA graphs and "

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from repack import codec
 from repack.errors import FormatError, UserError
@@ -66,18 +67,6 @@ class Checkpoint:
     modules: dict[str, QuantModule]
     tensor_shard: dict[str, str]
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def shard_names(self) -> list[str]:
-        return list(self.shards)
-
-    @property
-    def config_bits(self) -> int | None:
-        return self.quant_config.get("bits")
-
-    @property
-    def group_size(self) -> int | None:
-        return self.quant_config.get("group_size")
 
     def module_of(self, tensor: str) -> QuantModule | None:
         prefix, _, part = tensor.rpartition(".")
@@ -140,8 +129,12 @@ def check_packing(qc: dict, path: Path) -> None:
         )
 
 
-def open_checkpoint(root: str | Path) -> Checkpoint:
-    """Read config, index and every shard header of a local checkpoint folder; validate structure."""
+def open_checkpoint(root: str | Path, headers: Mapping[str, Header] | None = None) -> Checkpoint:
+    """Read config, index and every shard header of a checkpoint folder; validate structure.
+
+    ``headers``: the shard headers, read elsewhere (a hub snapshot whose shards are not fetched yet); they
+    must cover exactly the shards the index names. Without, each shard's header is read from ``root``.
+    """
     root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: source not found")
@@ -150,11 +143,12 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     config = load_json(root / CONFIG_NAME, "config.json")
     if not isinstance(config, dict):
         raise FormatError(f"{root / CONFIG_NAME}: not a JSON object")
-    qfile = None
+    qfile: dict | None = None
     if (root / QCONFIG_NAME).exists():
-        qfile = load_json(root / QCONFIG_NAME, "quantization_config.json")
-        if not isinstance(qfile, dict):
+        qobj = load_json(root / QCONFIG_NAME, "quantization_config.json")
+        if not isinstance(qobj, dict):
             raise FormatError(f"{root / QCONFIG_NAME}: not a JSON object")
+        qfile = qobj
     qc = config.get("quantization_config", qfile)
     if not isinstance(qc, dict):
         raise FormatError(f"{root / CONFIG_NAME}: no quantization_config: not a quantized checkpoint")
@@ -163,11 +157,13 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     if qfile is not None and qfile != qc:
         warnings.append("quantization_config.json differs from config.json's quantization_config; config.json's copy is used")
 
-    index, shard_files = _read_index(root)
+    index, shard_files = read_index(root, files_present=headers is None)
+    if headers is not None and sorted(headers) != shard_files:
+        raise FormatError(f"{root}: headers read for shards {sorted(headers)}, the checkpoint has {shard_files}")
     shards: dict[str, Header] = {}
     tensor_shard: dict[str, str] = {}
     for name in shard_files:
-        h = read_header(root / name)
+        h = headers[name] if headers is not None else read_header(root / name)
         shards[name] = h
         for t in h.tensors:
             if t in tensor_shard:
@@ -187,10 +183,14 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     return Checkpoint(root, config, qc, qfile, index, shards, modules, tensor_shard, warnings)
 
 
-def _read_index(root: Path) -> tuple[dict | None, list[str]]:
+def read_index(root: Path, files_present: bool = True) -> tuple[dict | None, list[str]]:
+    """The index (None for a single ``model.safetensors``) and the sorted shard names it lists.
+
+    ``files_present``: every shard must exist under ``root`` (a local folder, not a hub snapshot being fetched).
+    """
     ipath = root / INDEX_NAME
     if not ipath.exists():
-        if (root / SINGLE_NAME).exists():
+        if (root / SINGLE_NAME).exists() or not files_present:
             return None, [SINGLE_NAME]
         raise UserError(f"{root}: neither {INDEX_NAME} nor {SINGLE_NAME} found: not a safetensors checkpoint")
     index = load_json(ipath, "index")
@@ -204,7 +204,7 @@ def _read_index(root: Path) -> tuple[dict | None, list[str]]:
             raise FormatError(f"{ipath}: tensor {t}: shard name {s!r} is not a relative file name")
         if s not in files:
             files.append(s)
-    for s in files:
+    for s in files if files_present else ():
         if not (root / s).is_file():
             raise FormatError(f"{ipath}: names shard {s}, which is missing")
     return index, sorted(files)

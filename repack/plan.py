@@ -10,29 +10,25 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 
-from repack import __version__, qconfig
+from repack import qconfig
 from repack.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, QCONFIG_NAME, Checkpoint, QuantModule, module_override,
+    CONFIG_NAME,
+    INDEX_NAME,
+    QCONFIG_NAME,
+    Checkpoint,
+    QuantModule,
+    module_override,
 )
-from repack.safetensors_io import DTYPE_SIZES, Header, TensorInfo, build_header
+from repack.ops import Op, TensorOp, tensor_op
+from repack.output import MANIFEST_NAME
+from repack.safetensors_io import Header, TensorInfo, build_header
 
-MANIFEST_NAME = "w3repack.json"
-STATE_DIR = ".w3repack"
 KV_B_SUFFIX = ".self_attn.kv_b_proj"
 INDEXER_SUFFIXES = (".self_attn.indexer.wk", ".self_attn.indexer.weights_proj")
 KV_B_PATTERN = ".*kv_b_proj.*"
 INDEXER_PATTERN = r".*indexer\.(wk|weights_proj).*"
-
-
-class Op(str, Enum):
-    COPY = "copy"  # bytes unchanged
-    TRANSCODE = "transcode"  # 2/3-bit qweight -> 4-bit qweight
-    ZEROS = "zeros"  # symmetric qzeros -> symmetric 4-bit qzeros
-    DEQUANT = "dequant"  # qweight -> exact float32 weight [N, K]
-    DROP = "drop"  # read (and checked) but not emitted
 
 
 @dataclass(frozen=True)
@@ -43,25 +39,6 @@ class Options:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class TensorOp:
-    op: Op
-    src: TensorInfo
-    module: QuantModule | None = None
-    out_name: str | None = None
-    out_dtype: str | None = None
-    out_shape: tuple[int, ...] | None = None
-
-    @property
-    def out_nbytes(self) -> int:
-        if self.out_dtype is None:
-            return 0
-        n = DTYPE_SIZES[self.out_dtype]
-        for d in self.out_shape or ():
-            n *= d
-        return n
 
 
 @dataclass
@@ -119,6 +96,10 @@ class Plan:
         out[CONFIG_NAME] = dump_json(self.config)
         return out
 
+    def output_files(self) -> set[str]:
+        """Every file the conversion writes outside ``.w3repack/`` but the manifest."""
+        return {s.name for s in self.shards} | set(self.metadata_files()) | set(self.extra_files)
+
     def out_total_bytes(self) -> int:
         """Exact bytes the finished output occupies (shards, copied files, metadata; manifest estimated)."""
         meta = sum(len(b) for b in self.metadata_files().values())
@@ -130,14 +111,6 @@ class Plan:
             c[cls] = c.get(cls, 0) + 1
         c["float tensors"] = len(self.ckpt.float_tensors())
         return dict(sorted(c.items()))
-
-    def fingerprint(self) -> dict:
-        """What identifies this conversion for resume: tool version, options and source file identities."""
-        files = {}
-        for s in self.shards:
-            st = os.stat(self.ckpt.root / s.name)
-            files[s.name] = [st.st_size, st.st_mtime_ns]
-        return {"tool_version": __version__, "options": self.options.to_json(), "source_files": files}
 
 
 def dump_json(obj: object) -> bytes:
@@ -160,32 +133,30 @@ def dequantized(m: QuantModule, options: Options) -> bool:
     return options.indexer_float and m.prefix.endswith(INDEXER_SUFFIXES)
 
 
-def _tensor_op(t: TensorInfo, ckpt: Checkpoint, options: Options) -> TensorOp:
-    m = ckpt.module_of(t.name)
+def choose_op(t: TensorInfo, m: QuantModule | None, options: Options) -> Op:
+    """The op for source tensor ``t`` of module ``m`` (None: a float tensor)."""
     if m is None:
-        return TensorOp(Op.COPY, t, None, t.name, t.dtype, t.shape)
+        return Op.COPY
     part = t.name.rpartition(".")[2]
     if dequantized(m, options):
-        if part == "qweight":
-            return TensorOp(Op.DEQUANT, t, m, m.prefix + ".weight", "F32", (m.n, m.k))
-        if part == "bias":
-            return TensorOp(Op.COPY, t, m, t.name, t.dtype, t.shape)
-        return TensorOp(Op.DROP, t, m)
-    if m.bits in qconfig.CONVERTED_BITS:
-        if part == "qweight":
-            return TensorOp(Op.TRANSCODE, t, m, t.name, "I32", (m.k // 8, m.n))
-        if part == "qzeros":
-            return TensorOp(Op.ZEROS, t, m, t.name, "I32", (t.shape[0], m.n // 8))
-    return TensorOp(Op.COPY, t, m, t.name, t.dtype, t.shape)
+        return Op.DEQUANT if part == "qweight" else Op.COPY if part == "bias" else Op.DROP
+    if m.bits in qconfig.CONVERTED_BITS and part in ("qweight", "qzeros"):
+        return Op.TRANSCODE if part == "qweight" else Op.ZEROS
+    return Op.COPY
+
+
+def _tensor_op(t: TensorInfo, ckpt: Checkpoint, options: Options) -> TensorOp:
+    m = ckpt.module_of(t.name)
+    return tensor_op(choose_op(t, m, options), t, m)
 
 
 def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
     shards = []
     for name, h in ckpt.shards.items():
         ops = [_tensor_op(t, ckpt, options) for t in h.ordered()]
-        emitted = [o for o in ops if o.out_name is not None]
-        prefix, offs = build_header([(o.out_name, o.out_dtype, o.out_shape) for o in emitted], h.metadata)
-        out_offsets = {o.out_name: (offs[i], offs[i + 1]) for i, o in enumerate(emitted)}
+        emitted = [e for e in (o.out_entry() for o in ops) if e is not None]
+        prefix, offs = build_header(emitted, h.metadata)
+        out_offsets = {e[0]: (offs[i], offs[i + 1]) for i, e in enumerate(emitted)}
         shards.append(ShardPlan(name, h, ops, prefix, out_offsets))
 
     classes = {p: module_class(m, options) for p, m in ckpt.modules.items()}

@@ -45,12 +45,6 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.end - self.begin
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass(frozen=True)
@@ -61,16 +55,12 @@ class Header:
     metadata: dict[str, str] | None
     file_size: int
 
-    @property
-    def data_size(self) -> int:
-        return self.file_size - self.data_offset
-
     def ordered(self) -> list[TensorInfo]:
         return sorted(self.tensors.values(), key=lambda t: t.begin)
 
 
-def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate a safetensors header; raises FormatError naming the file and tensor."""
+def read_prefix(path: str | os.PathLike) -> tuple[bytes, int]:
+    """The first ``8 + N`` bytes of a shard (length word and JSON header) and the file's size."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -81,13 +71,39 @@ def read_header(path: str | os.PathLike) -> Header:
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise FormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
-            if n > MAX_HEADER:
-                raise FormatError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
-            raw = f.read(n)
+            header_length(path, head)
+            return head + f.read(n), size
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def header_length(path: str | os.PathLike, head: bytes) -> int:
+    """``N`` from a shard's first 8 bytes (u64 little-endian), bounded by MAX_HEADER."""
+    if len(head) < 8:
+        raise FormatError(f"{path}: truncated header: {len(head)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER:
+        raise FormatError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
+    return n
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse and validate a local shard's header; raises FormatError naming the file and tensor."""
+    prefix, size = read_prefix(path)
+    return parse_header(prefix, Path(path), size)
+
+
+def parse_header(prefix: bytes, path: Path, file_size: int | None = None) -> Header:
+    """Parse a shard header from its first ``8 + N`` bytes; ``path`` names the file in errors.
+
+    With ``file_size`` the tensors must tile the data region up to it; without (a header read over HTTP)
+    the file size follows from the tiling.
+    """
+    n = header_length(path, prefix)
+    if len(prefix) != 8 + n:
+        raise FormatError(f"{path}: header length {n} does not match the {len(prefix) - 8} bytes read")
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(prefix[8:].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e})") from e
     if not isinstance(obj, dict):
@@ -95,13 +111,11 @@ def read_header(path: str | os.PathLike) -> Header:
     meta = obj.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
-    data_offset = 8 + n
-    data_size = size - data_offset
-    tensors: dict[str, TensorInfo] = {}
-    for name, spec in obj.items():
-        tensors[name] = _parse_entry(path, name, spec, data_size)
+    limit = file_size - 8 - n if file_size is not None else 1 << 62
+    tensors = {name: _parse_entry(path, name, spec, limit) for name, spec in obj.items()}
+    data_size = limit if file_size is not None else max((t.end for t in tensors.values()), default=0)
     _check_tiling(path, tensors, data_size)
-    return Header(path=path, data_offset=data_offset, tensors=tensors, metadata=meta, file_size=size)
+    return Header(path=path, data_offset=8 + n, tensors=tensors, metadata=meta, file_size=8 + n + data_size)
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_size: int) -> TensorInfo:

@@ -52,7 +52,7 @@ class TinySpec:
 
 
 def deepseek_config(spec: TinySpec) -> dict:
-    cfg = {
+    cfg: dict[str, object] = {
         "architectures": ["DeepseekV32ForCausalLM" if spec.v32 else "DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v32" if spec.v32 else "deepseek_v3",
         "attention_bias": False,
@@ -214,7 +214,9 @@ def tensors(spec: TinySpec) -> list[tuple[str, str, tuple[int, ...], bytes]]:
 
 
 def _split(items: list, shard_bytes: int, traps: bool) -> list[list]:
-    shards, cur, size = [], [], 0
+    shards: list[list] = []
+    cur: list = []
+    size = 0
     for it in items:
         if cur and size + len(it[3]) > shard_bytes:
             shards.append(cur)
@@ -247,7 +249,7 @@ def write_checkpoint(root: str | Path, spec: TinySpec = TinySpec(), single_file:
     )
     weight_map = {}
     total = 0
-    for name, group in zip(names, groups):
+    for name, group in zip(names, groups, strict=False):
         prefix, _ = build_header([(n, d, s) for n, d, s, _ in group], {"format": "pt"})
         with open(root / name, "wb") as f:
             f.write(prefix)

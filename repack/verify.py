@@ -16,35 +16,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from repack import codec
 from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint
-from repack.convert import cores, effective_workers, read_tensor
 from repack.errors import UserError
-from repack.plan import MANIFEST_NAME, Op, Options, Plan, ShardPlan, build_plan
-from repack.safetensors_io import read_header, to_float32
-from repack.stream import CHUNK, SeqReader, sha256_file
+from repack.ops import OPS, Difference, Found, Place, Progress, first_diff
+from repack.output import MANIFEST_NAME, Manifest, ManifestError
+from repack.plan import Options, Plan, ShardPlan, build_plan
+from repack.run import ProgressFactory, cores, effective_workers, no_progress
+from repack.safetensors_io import read_header
+from repack.stream import SeqReader, sha256_file
 
-Progress = Callable[[int], None]
-
-
-@dataclass
-class Difference:
-    file: str
-    tensor: str | None
-    offset: int | None
-    message: str
-
-    def line(self) -> str:
-        where = self.file
-        if self.tensor:
-            where += f": tensor {self.tensor}"
-        if self.offset is not None:
-            where += f" at byte {self.offset}"
-        return f"{where}: {self.message}"
+__all__ = ["Difference", "Found", "Report", "verify", "verify_shard"]
 
 
 @dataclass
@@ -70,28 +54,26 @@ class Report:
         }
 
 
-class Found(Exception):
-    """The first difference in a shard, raised out of the per-tensor loop."""
-
-    def __init__(self, diff: Difference):
-        self.diff = diff
+def _refused(path: Path, message: str) -> Report:
+    return Report(False, [Difference(str(path), None, None, message)])
 
 
-def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress | None = None) -> Report:
+def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressFactory = no_progress) -> Report:
+    """Compare DST with SRC re-planned under the options DST's manifest records; ``progress("verify", total)``."""
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
-    progress = progress or (lambda n: None)
     ckpt = open_checkpoint(src)
     if not dst.is_dir():
         raise UserError(f"{dst}: output directory not found")
     mpath = dst / MANIFEST_NAME
-    if not mpath.exists():
-        return Report(False, [Difference(str(mpath), None, None, "missing: the conversion is incomplete or DST is not a w3repack output")])
     try:
-        manifest = json.loads(mpath.read_text())
-        options = Options(**manifest["options"])
-    except (ValueError, KeyError, TypeError) as e:
-        return Report(False, [Difference(str(mpath), None, None, f"unreadable manifest ({e})")])
+        manifest = Manifest.load(dst)
+        if manifest is None:
+            return _refused(mpath, "missing: the conversion is incomplete or DST is not a w3repack output")
+        options = Options(**manifest.options)
+    except (ManifestError, TypeError) as e:
+        why = str(e).split("unreadable manifest ", 1)[-1] if isinstance(e, ManifestError) else f"({e})"
+        return _refused(mpath, f"unreadable manifest {why}")
     plan = build_plan(ckpt, options)
     diffs = _check_metadata(plan, dst, manifest)
     counts: dict[str, int] = {}
@@ -99,34 +81,37 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     dst_sha: dict[str, str] = {}
     shard_diffs: dict[str, Difference] = {}
     shards = [s for s in plan.shards if (dst / s.name).is_file()]
-    man_out = {s.get("name"): s for s in manifest.get("output_shards", []) if isinstance(s, dict)}
-    man_src = {s.get("name"): s for s in manifest.get("source", {}).get("files", []) if isinstance(s, dict)}
-
-    def job(sp: ShardPlan) -> None:
-        local: dict[str, int] = {}
-        try:
-            sha = verify_shard(plan, sp, dst, local, progress, hashed=man_out.get(sp.name, {}).get("sha256") is not None,
-                               spread=n < cores())
-            if sha is not None:
-                dst_sha[sp.name] = sha
-        except Found as f:
-            shard_diffs[sp.name] = f.diff
-        with lock:
-            for k, v in local.items():
-                counts[k] = counts.get(k, 0) + v
-
+    man_out = {f.name: f for f in manifest.output_shards}
+    man_src = {f.name: f for f in manifest.source_files}
     n = effective_workers(workers, len(shards))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="w3verify") as ex:
-        list(ex.map(job, sorted(shards, key=lambda s: -s.src_size)))
+
+    with progress("verify", plan.src_shard_bytes) as advance:
+        def job(sp: ShardPlan) -> None:
+            local: dict[str, int] = {}
+            try:
+                sha = verify_shard(plan, sp, dst, local, advance, hashed=manifest.output_sha(sp.name) is not None,
+                                   spread=n < cores())
+                if sha is not None:
+                    dst_sha[sp.name] = sha
+            except Found as f:
+                shard_diffs[sp.name] = f.diff
+            with lock:
+                for k, v in local.items():
+                    counts[k] = counts.get(k, 0) + v
+
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="w3verify") as ex:
+            list(ex.map(job, sorted(shards, key=lambda s: -s.src_size)))
     for sp in plan.shards:
         if sp.name in shard_diffs:
             diffs.append(shard_diffs[sp.name])
     for sp in plan.shards:
-        if manifest.get("shard_hashes", True) and man_out.get(sp.name, {}).get("sha256") is None:
+        rec = man_out.get(sp.name)
+        if manifest.shard_hashes and (rec is None or rec.sha256 is None):
             diffs.append(Difference(str(mpath), None, None, f"no sha256 recorded for {sp.name}"))
-        if sp.name in dst_sha and man_out.get(sp.name, {}).get("sha256") != dst_sha[sp.name]:
+        if sp.name in dst_sha and (rec is None or rec.sha256 != dst_sha[sp.name]):
             diffs.append(Difference(str(mpath), None, None, f"sha256 recorded for {sp.name} does not match the file"))
-        if man_src.get(sp.name, {}).get("size") != sp.src_size:
+        src_rec = man_src.get(sp.name)
+        if src_rec is None or src_rec.size != sp.src_size:
             diffs.append(Difference(str(mpath), None, None, f"source {sp.name} has changed size since conversion"))
     return Report(
         not diffs, diffs, dict(sorted(counts.items())), plan.src_shard_bytes, plan.out_shard_bytes, time.monotonic() - t0,
@@ -134,7 +119,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
     )
 
 
-def _check_metadata(plan: Plan, dst: Path, manifest: dict) -> list[Difference]:
+def _check_metadata(plan: Plan, dst: Path, manifest: Manifest) -> list[Difference]:
     diffs = []
     expected_files = {s.name for s in plan.shards}
     present = {str(p.relative_to(dst)) for p in dst.rglob("*.safetensors") if not p.name.startswith(".")}
@@ -159,11 +144,11 @@ def _check_metadata(plan: Plan, dst: Path, manifest: dict) -> list[Difference]:
         diffs.append(Difference(str(dst / QCONFIG_NAME), None, None, "present in output but not in source"))
     if plan.index is None and (dst / INDEX_NAME).exists():
         diffs.append(Difference(str(dst / INDEX_NAME), None, None, "present in output but the source has no index"))
-    if manifest.get("complete") is not True:
+    if not manifest.complete:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest does not mark the conversion complete"))
-    if manifest.get("fingerprint", {}).get("options") != plan.options.to_json():
+    if manifest.fingerprint.get("options") != plan.options.to_json():
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest options are inconsistent"))
-    copied = {c.get("name"): c.get("sha256") for c in manifest.get("copied_files", []) if isinstance(c, dict)}
+    copied = {c.name: c.sha256 for c in manifest.copied_files}
     for rel in plan.extra_files:
         p = dst / rel
         if not p.is_file():
@@ -189,13 +174,6 @@ def _json_diff(want: object, have: object, path: str = "") -> str:
     return f"value at {path.rstrip('.') or '(root)'} is {json.dumps(have)[:80]}, expected {json.dumps(want)[:80]}"
 
 
-def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
-    a, b = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
-    n = min(a.size, b.size)
-    idx = np.flatnonzero(a[:n] != b[:n])
-    return int(idx[0]) if idx.size else n
-
-
 def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True,
                  spread: bool = False) -> str | None:
     """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on a thread of its own)."""
@@ -210,7 +188,7 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
         for name, (dt, shape) in expected.items():
             t = h.tensors.get(name)
             if t is None or t.dtype != dt or t.shape != shape:
-                raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape))}"))
+                raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape or ()))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
     sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed, hash_behind=spread)
     try:
@@ -218,71 +196,15 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)
         want = np.frombuffer(sp.prefix, dtype=np.uint8)
         if not np.array_equal(head, want):
-            off = _first_diff(want, head)
+            off = first_diff(want, head)
             raise Found(Difference(dname, None, off, "header bytes differ from the planned header"))
+        src_name = str(plan.ckpt.root / sp.name)
         for op in sp.ops:
-            _verify_op(plan, sp, op, sr, dr, dname)
+            base = sp.data_offset + (sp.out_offsets[op.out_name][0] if op.out_name else 0)
+            OPS[op.op].verify(plan.ckpt, op, sr, dr, Place(dname, base, src_name))
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
             progress(op.src.nbytes)
         return dr.hexdigest()
     finally:
         sr.close()
         dr.close()
-
-
-def _verify_op(plan, sp, op, sr: SeqReader, dr: SeqReader, dname: str) -> None:
-    t = op.src
-    base = sp.data_offset + (sp.out_offsets[op.out_name][0] if op.out_name else 0)
-    if op.op is Op.COPY:
-        done = 0
-        while done < t.nbytes:
-            a = np.frombuffer(sr.view(min(CHUNK, t.nbytes - done)), dtype=np.uint8)
-            b = np.frombuffer(dr.take(len(a)), dtype=np.uint8)
-            n = len(a)
-            if not np.array_equal(a, b):
-                raise Found(Difference(dname, op.out_name, base + done + _first_diff(a, b), "passthrough bytes differ from the source"))
-            done += n
-    elif op.op is Op.DROP:
-        sr.skip(t.nbytes)
-    elif op.op is Op.ZEROS:
-        m = op.module
-        src_z = np.frombuffer(sr.read(t.nbytes), dtype=np.uint32)
-        out_z = np.frombuffer(dr.read(op.out_nbytes), dtype=np.uint8)
-        if not np.array_equal(src_z, codec.sym_qzeros(t.shape[0], m.n, m.bits).view(np.uint32).reshape(-1)):
-            raise Found(Difference(str(plan.ckpt.root / sp.name), t.name, None, "source zero points are not symmetric"))
-        want = codec.sym_qzeros(t.shape[0], m.n, 4).view(np.uint8).reshape(-1)
-        if not np.array_equal(out_z, want):
-            raise Found(Difference(dname, op.out_name, base + _first_diff(want, out_z), "4-bit zero points are not symmetric 0x77777777"))
-    elif op.op is Op.TRANSCODE:
-        m = op.module
-        row = m.n * 4
-        per = codec.words_per_block(m.bits)
-        rows = max(per, (CHUNK // row) // per * per)
-        done = 0
-        while done < t.shape[0]:
-            a = np.frombuffer(sr.view(min(rows, t.shape[0] - done) * row, per * row), dtype=np.int32).reshape(-1, m.n)
-            r = a.shape[0]
-            r4 = r * 4 // per if m.bits == 3 else r * 32 // (m.bits * 8)
-            b = np.frombuffer(dr.take(r4 * row), dtype=np.int32).reshape(r4, m.n)
-            back, ok = codec.transcode_from4(b, m.bits)
-            if not ok or not np.array_equal(back, a):
-                expect = codec.transcode_to4(a, m.bits)
-                off = base + done * 32 // m.bits * m.n // 8 * 4 + _first_diff(expect, b)
-                why = "4-bit codes outside the source range" if not ok else f"codes minus {8 - (1 << (m.bits - 1))} differ from the source"
-                raise Found(Difference(dname, op.out_name, off, why))
-            done += r
-    elif op.op is Op.DEQUANT:
-        m = op.module
-        qweight = np.frombuffer(sr.read(t.nbytes), dtype=np.int32).reshape(t.shape)
-        qzeros = read_tensor(plan, m.qzeros)
-        scales = to_float32(read_tensor(plan, m.scales), m.scales.info.dtype)
-        cols = max(32, (CHUNK // (m.k * 4)) // 32 * 32)
-        zw = lambda c: c * m.bits // 32  # noqa: E731
-        for c0 in range(0, m.n, cols):
-            c1 = min(m.n, c0 + cols)
-            want = codec.dequantize(qweight[:, c0:c1], qzeros[:, zw(c0) : zw(c1)], scales[:, c0:c1], m.bits, m.group_size)
-            have = np.frombuffer(dr.read(want.nbytes), dtype=np.float32).reshape(want.shape)
-            if not np.array_equal(want.view(np.uint32), have.view(np.uint32)):
-                raise Found(Difference(dname, op.out_name, base + c0 * m.k * 4 + _first_diff(want, have), "float weight differs from the exact dequantization"))
-    else:  # pragma: no cover
-        raise AssertionError(op.op)

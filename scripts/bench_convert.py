@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--project-write-gbs", type=float, default=2.0, help="assumed sustained write GB/s of the target disk")
     ap.add_argument("--json", type=Path, help="also write all results as JSON here")
     args = ap.parse_args()
-    from repack.convert import default_workers
+    from repack.run import default_workers
 
     workers = args.workers or default_workers()
     cold = not args.warm and drop_caches()

@@ -20,3 +20,15 @@ def src_copy(traps_ckpt, tmp_path) -> Path:
     dst = tmp_path / "src"
     shutil.copytree(traps_ckpt, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def converted(traps_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """``traps_ckpt`` and its conversion with default options (two workers). Tests copy it before changing it."""
+    from repack.convert import convert
+    from repack.plan import Options
+    from repack.run import RunConfig
+
+    dst = tmp_path_factory.mktemp("converted") / "w4"
+    convert(traps_ckpt, dst, Options(), RunConfig(workers=2))
+    return traps_ckpt, dst

@@ -9,25 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from repack import card, hub
+from repack import card, push
 from repack.convert import convert
-from repack.plan import MANIFEST_NAME, Options
+from repack.output import MANIFEST_NAME
+from repack.plan import Options
+from repack.run import RunConfig
 from repack.serve import launcher, planner, recipes
 from repack.verify import verify
 
 REPO = "me/tiny-w4"
 
 
-@pytest.fixture(scope="module")
-def converted(traps_ckpt, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("card") / "out"
-    convert(traps_ckpt, dst, Options(), workers=1)
-    return dst
-
-
 @pytest.fixture
 def out_copy(converted, tmp_path) -> Path:
-    return Path(shutil.copytree(converted, tmp_path / "out"))
+    return Path(shutil.copytree(converted[1], tmp_path / "out"))
 
 
 def expected_rows(dst: Path) -> dict[str, tuple[planner.Model, planner.Request, dict]]:
@@ -57,6 +52,7 @@ def table(text: str) -> dict[str, list[str]]:
 
 
 def test_memory_table_carries_the_planners_numbers(converted):
+    converted = converted[1]
     text = card.build_card(converted, REPO)
     rows, want = table(text), expected_rows(converted)
     assert list(rows) == list(want)
@@ -78,6 +74,7 @@ def test_memory_table_carries_the_planners_numbers(converted):
 
 
 def test_serve_command_is_the_launchers_for_the_smallest_fitting_setup(converted):
+    converted = converted[1]
     text = card.build_card(converted, REPO)
     model, req, p = expected_rows(converted)["generic 1x80 GiB"]
     assert p["fits"]
@@ -89,6 +86,7 @@ def test_serve_command_is_the_launchers_for_the_smallest_fitting_setup(converted
 
 
 def test_serve_command_when_no_generic_setup_fits(converted, monkeypatch):
+    converted = converted[1]
     monkeypatch.setattr(card, "GENERIC", [(2, 1.6, "9.0"), (8, 1.6, "9.0"), (4, 1.6, "9.0")])
     text = card.build_card(converted, REPO)
     model = planner.load_model(converted)
@@ -126,7 +124,7 @@ def test_verification_from_argument_then_manifest_then_hint(out_copy, traps_ckpt
 
 def test_unrecorded_hashes_read_not_recorded(traps_ckpt, tmp_path):
     dst = tmp_path / "nohash"
-    convert(traps_ckpt, dst, Options(), workers=1, hashes=False)
+    convert(traps_ckpt, dst, Options(), RunConfig(workers=1, hashes=False))
     man = json.loads((dst / MANIFEST_NAME).read_text())
     assert all(s["sha256"] is None for s in man["output_shards"])
     text = card.build_card(dst, REPO)
@@ -164,7 +162,7 @@ def test_push_creates_private_repo_uploads_folder_then_card(out_copy, monkeypatc
     (out_copy / ".w3repack" / "state.json").write_text("{}")
     (out_copy / ".hidden").write_text("x")
 
-    summary = hub.push(out_copy, REPO, private=True)
+    summary = push.push(out_copy, REPO, private=True)
     assert [c[0] for c in calls] == ["create_repo", folder_op, "upload_file"]
     assert calls[0][1] == (REPO,) and calls[0][2] == {"repo_type": "model", "private": True, "exist_ok": True}
     up = calls[1][2]

@@ -1,15 +1,11 @@
 """The command line as users run it: real subprocesses, exit codes, one-line errors, JSON output."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "repack", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+from tests.helpers import w3repack as run
+from tests.helpers import w3repack_in_process
 
 
 def test_demo_end_to_end(tmp_path):
@@ -66,6 +62,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = run("--debug", "inspect", tmp_path / "missing")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_internal_error_has_its_own_exit_code(monkeypatch, traps_ckpt):
+    """A bug is not bad input: exit 3, one line that says so; --debug shows the traceback."""
+    from repack.cli import _errors
+
+    with pytest.raises(ZeroDivisionError):
+        _errors.exit_for(ZeroDivisionError("x"), debug=True)
+    assert _errors.exit_for(ZeroDivisionError("x"), debug=False) == _errors.EXIT_INTERNAL == 3
+    assert _errors.exit_for(_errors.UserError("bad"), debug=False) == 2
+    assert _errors.exit_for(_errors.Mismatch("differs"), debug=False) == 1
+    assert _errors.exit_for(_errors.NothingToDo("done"), debug=False) == 0
+    monkeypatch.setattr("repack.report.inspect_report", lambda *a: 1 / 0)
+    code, _, err = w3repack_in_process("inspect", traps_ckpt)
+    lines = err.strip().splitlines()
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("internal error: ZeroDivisionError"), err
 
 
 @pytest.mark.parametrize("args,says", [

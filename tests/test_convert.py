@@ -15,19 +15,13 @@ from safetensors import safe_open
 from repack import synth
 from repack.convert import convert
 from repack.plan import Options
+from repack.run import RunConfig
 from repack.verify import verify
 from tests.helpers import decode_bigint, floats, read_dir
 
 
 def _width(h: dict, prefix: str) -> int:
     return 32 * h[prefix + ".qzeros"]["shape"][1] // h[prefix + ".scales"]["shape"][1]
-
-
-@pytest.fixture(scope="module")
-def converted(traps_ckpt, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("out") / "w4"
-    convert(traps_ckpt, dst, Options(), workers=2)
-    return traps_ckpt, dst
 
 
 def test_every_tensor_is_lossless(converted):
@@ -122,8 +116,9 @@ def test_verify_passes_then_catches_each_flipped_bit(converted, tmp_path):
     assert verify(src, dst).ok
     shards = sorted(dst.glob("*.safetensors"))
     targets = []
-    from tests.helpers import read_raw
     import struct
+
+    from tests.helpers import read_raw
     for shard in shards:
         hdr, _ = read_raw(shard)
         (n,) = struct.unpack("<Q", shard.read_bytes()[:8])
@@ -275,14 +270,14 @@ def test_no_hash_writes_the_same_bytes_and_still_verifies(converted, tmp_path):
 def test_hashing_rerun_redoes_unhashed_shards_and_no_hash_rerun_keeps_them(converted, tmp_path):
     src, ref = converted
     dst = tmp_path / "o"
-    convert(src, dst, Options(), hashes=False)
+    convert(src, dst, Options(), RunConfig(hashes=False))
     res = convert(src, dst, Options())
     assert res.shards_kept == [] and len(res.shards_written) == len(res.plan.shards)
     man = json.loads((dst / "w3repack.json").read_text())
     ref_man = json.loads((ref / "w3repack.json").read_text())
     assert man["shard_hashes"] is True and man["output_shards"] == ref_man["output_shards"]
     assert man["source"]["files"] == ref_man["source"]["files"]
-    res = convert(src, dst, Options(), hashes=False)
+    res = convert(src, dst, Options(), RunConfig(hashes=False))
     assert res.shards_written == [] and len(res.shards_kept) == len(res.plan.shards)
     assert json.loads((dst / "w3repack.json").read_text())["output_shards"] == ref_man["output_shards"]
     assert verify(src, dst).ok
@@ -315,7 +310,7 @@ def wide_ref(wide_ckpt, tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("W3REPACK_DIRECT_IO", "0")
     try:
-        convert(wide_ckpt, dst, Options(), workers=2)
+        convert(wide_ckpt, dst, Options(), RunConfig(workers=2))
     finally:
         mp.undo()
     sh, sraw = read_dir(wide_ckpt)
@@ -341,12 +336,12 @@ def test_io_mode_and_hash_placement_do_not_change_a_byte(wide_ckpt, wide_ref, tm
     monkeypatch.setattr(conv, "cores", lambda: 64 if spread else 1)
     monkeypatch.setattr(ver, "cores", lambda: 64 if spread else 1)
     dst = tmp_path / "o"
-    res = convert(wide_ckpt, dst, Options(), workers=2)
+    res = convert(wide_ckpt, dst, Options(), RunConfig(workers=2))
     assert len(res.plan.shards) >= 3 and max(s.out_size for s in res.plan.shards) > 3 * (4 << 20)
     assert _shard_bytes(dst) == _shard_bytes(wide_ref)
-    for s in res.manifest["output_shards"]:
+    for s in res.manifest.to_json()["output_shards"]:
         assert s["sha256"] == hashlib.sha256((dst / s["name"]).read_bytes()).hexdigest()
-    for s in res.manifest["source"]["files"]:
+    for s in res.manifest.to_json()["source"]["files"]:
         assert s["sha256"] == hashlib.sha256((wide_ckpt / s["name"]).read_bytes()).hexdigest()
     rep = verify(wide_ckpt, dst)
     assert rep.ok and rep.hashes_checked == len(res.plan.shards)

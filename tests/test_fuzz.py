@@ -3,12 +3,9 @@ that ``verify`` accepts. Nothing else: no traceback, no unforeseen exception, no
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repack import cli, synth
-from tests.test_malformed import tree_hashes
+from repack import synth
+from tests.helpers import tree_hashes
+from tests.helpers import w3repack_in_process as run_cli
 
 JSON_FILES = ("config.json", "quantization_config.json", "model.safetensors.index.json")
 
@@ -33,22 +31,6 @@ json_values = st.recursive(
 def pristine(tmp_path_factory) -> Path:
     spec = synth.TinySpec.small(traps=True, extra_files={"tokenizer_config.json": "{}\n"})
     return synth.write_checkpoint(tmp_path_factory.mktemp("fuzz") / "src", spec)
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """``w3repack ARGS`` through the real entry point, in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["w3repack", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def paths(obj, prefix=()):

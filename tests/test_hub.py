@@ -106,7 +106,7 @@ def assert_same_shards(dst: Path, ref: Path) -> None:
 
 
 def test_parse_repo_id(tmp_path, monkeypatch):
-    from repack.hub import parse_repo_id
+    from repack.hubclient import parse_repo_id
 
     assert parse_repo_id("org/name") == ("org/name", None)
     assert parse_repo_id("org/name@v1.0") == ("org/name", "v1.0")
@@ -205,33 +205,43 @@ def test_missing_shard_offline_is_refused_before_any_work(source, hf_home, tmp_p
 
 
 def test_space_check_counts_output_and_shards_to_fetch(source, hf_home, tmp_path, monkeypatch):
-    import repack.hub as hub
+    import repack.output
+    import repack.sources.hub as hub
+    from repack.convert import fingerprint
     from repack.errors import UserError
+    from repack.output import Output
+    from repack.plan import build_plan
+    from repack.safetensors_io import read_prefix
 
     src = source[0]
     snap = hf_home / "hub" / "models--acme--tiny-w3" / "snapshots" / COMMIT
     for n in shard_names(src):
         (snap / n).unlink()
-    monkeypatch.setattr(hub, "_offline", lambda: True)
+    monkeypatch.setattr(hub, "offline", lambda: True)
     hdr_dir = tmp_path / "out" / ".w3repack" / "hub-headers"
     hdr_dir.mkdir(parents=True)
     for n in shard_names(src):
-        (hdr_dir / n).write_bytes(hub._read_prefix(src / n))
-    hs = hub.HubSource(REPO, None, COMMIT, snap, json.loads((snap / "model.safetensors.index.json").read_text()),
-                       shard_names(src))
-    plan = hub.hub_plan(hs, tmp_path / "out", Options())
-    assert [s.src_size for s in plan.shards] == [(src / n).stat().st_size for n in shard_names(src)]
-    assert plan.fingerprint()["source_hub"] == {"repo": REPO, "commit": COMMIT}
-    biggest = max(s.src_size for s in plan.shards)
-    free = plan.out_total_bytes() + biggest + 1
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free * 10, free * 9, free))
-    hub.check_hub_space(plan, hs, tmp_path / "out", delete=True, workers=1)
-    with pytest.raises(UserError, match="delete-source-shards"):
-        hub.check_hub_space(plan, hs, tmp_path / "out", delete=False, workers=1)
+        (hdr_dir / n).write_bytes(read_prefix(src / n)[0])
+    out = Output(tmp_path / "out")
+    for delete in (True, False):
+        hs = hub.HubSource(snap, None, REPO, None, COMMIT, delete)
+        plan = build_plan(hs.checkpoint(out, Options()), Options())
+        assert [s.src_size for s in plan.shards] == [(src / n).stat().st_size for n in shard_names(src)]
+        assert fingerprint(plan, hs)["source_hub"] == {"repo": REPO, "commit": COMMIT}
+        biggest = max(s.src_size for s in plan.shards)
+        free = plan.out_total_bytes() + biggest + 1
+        usage = shutil._ntuple_diskusage(free * 10, free * 9, free)
+        monkeypatch.setattr(repack.output.shutil, "disk_usage", lambda p, usage=usage: usage)
+        fetch = hs.space_needed(plan.shards, 1)
+        if delete:
+            out.check_space(plan.out_total_bytes(), fetch, hs.space_hint)
+        else:
+            with pytest.raises(UserError, match="delete-source-shards"):
+                out.check_space(plan.out_total_bytes(), fetch, hs.space_hint)
 
 
 @pytest.fixture(scope="module")
-def converted(source, tmp_path_factory) -> Path:
+def hub_converted(source, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("hfhome")
     build_cache(home, source[0])
     dst = tmp_path_factory.mktemp("pushsrc") / "out"
@@ -240,7 +250,8 @@ def converted(source, tmp_path_factory) -> Path:
     return dst
 
 
-def test_push_dry_run_card_and_operations(converted, tmp_path):
+def test_push_dry_run_card_and_operations(hub_converted, tmp_path):
+    converted = hub_converted
     before = {p: p.stat().st_mtime_ns for p in converted.rglob("*")}
     r = cli(tmp_path / "hf", "push", converted, "me/tiny-w4", "--private", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
@@ -270,7 +281,8 @@ def test_push_dry_run_card_and_operations(converted, tmp_path):
     assert "`mit`" in body
 
 
-def test_card_carries_verify_summary_and_degrades_without_source_card(converted, tmp_path):
+def test_card_carries_verify_summary_and_degrades_without_source_card(hub_converted, tmp_path):
+    converted = hub_converted
     from repack import card
 
     text = card.build_card(converted, "me/x", verify_report={"ok": True, "tensors_checked": {"transcoded": 7, "copied": 3}})
@@ -322,10 +334,11 @@ def test_headers_by_range_request_when_no_shard_is_cached(source, tmp_path):
         for n in shard_names(src):
             (snap / n).unlink()
         code = (
-            "import json,sys; from pathlib import Path; from repack import hub; from repack.plan import Options\n"
-            f"snap=Path({str(snap)!r}); names={shard_names(src)!r}\n"
-            "hs=hub.HubSource('%s', None, '%s', snap, json.loads((snap/'model.safetensors.index.json').read_text()), names)\n"
-            "plan=hub.hub_plan(hs, Path(sys.argv[1]), Options())\n"
+            "import json,sys; from pathlib import Path; from repack.sources.hub import HubSource\n"
+            "from repack.output import Output; from repack.plan import Options, build_plan\n"
+            f"snap=Path({str(snap)!r})\n"
+            "hs=HubSource(snap, None, '%s', None, '%s')\n"
+            "plan=build_plan(hs.checkpoint(Output(Path(sys.argv[1])), Options()), Options())\n"
             "print(json.dumps({s.name: s.src_size for s in plan.shards}))\n" % (REPO, COMMIT)
         )
         e = env(home)
@@ -340,9 +353,7 @@ def test_headers_by_range_request_when_no_shard_is_cached(source, tmp_path):
 
 
 def test_delete_cached_blob_first_and_shared_blobs_kept(tmp_path):
-    from types import SimpleNamespace
-
-    from repack.hub import delete_cached
+    from repack.sources.hub import delete_cached
 
     repo = tmp_path / "models--acme--x"
     (repo / "blobs").mkdir(parents=True)
@@ -354,14 +365,13 @@ def test_delete_cached_blob_first_and_shared_blobs_kept(tmp_path):
     (a / "x.safetensors").symlink_to("../../blobs/s1")
     (a / "y.safetensors").symlink_to("../../blobs/s2")
     (b / "y.safetensors").symlink_to("../../blobs/s2")  # the same blob in another revision
-    hs = SimpleNamespace(root=a, repo_cache=repo)
-    assert delete_cached(hs, "x.safetensors") == 3
+    assert delete_cached(a, repo, "x.safetensors") == 3
     assert not (repo / "blobs" / "s1").exists() and not (a / "x.safetensors").is_symlink()
-    assert delete_cached(hs, "y.safetensors") == 0
+    assert delete_cached(a, repo, "y.safetensors") == 0
     assert (repo / "blobs" / "s2").exists() and not (a / "y.safetensors").is_symlink()
     # killed between blob and link: the dangling link is removed on the next run
     (a / "x.safetensors").symlink_to("../../blobs/s1")
-    assert delete_cached(hs, "x.safetensors") == 0 and not (a / "x.safetensors").is_symlink()
+    assert delete_cached(a, repo, "x.safetensors") == 0 and not (a / "x.safetensors").is_symlink()
 
 
 def test_stale_partial_downloads_are_removed_fresh_ones_kept(source, hf_home, tmp_path):
@@ -377,13 +387,19 @@ def test_stale_partial_downloads_are_removed_fresh_ones_kept(source, hf_home, tm
 
 
 def test_interrupt_does_not_wait_for_a_stuck_download(tmp_path, monkeypatch):
-    """A worker blocked in a hook (a hub download never checks the stop flag) must not hold up Ctrl-C."""
+    """A worker blocked in ``Source.ensure`` (a hub download never checks the stop flag) must not hold up Ctrl-C."""
     import signal as sig
     import threading
 
     from repack import convert as convert_mod
     from repack.convert import convert
     from repack.plan import Options
+    from repack.run import RunConfig
+    from repack.sources.folder import FolderSource
+
+    class Stuck(FolderSource):
+        def ensure(self, sp):
+            release.wait(60)
 
     monkeypatch.setattr(convert_mod, "STOP_GRACE_S", 1.0)
 
@@ -394,7 +410,7 @@ def test_interrupt_does_not_wait_for_a_stuck_download(tmp_path, monkeypatch):
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            convert(src, tmp_path / "dst", Options(), workers=2, before_shard=lambda sp: release.wait(60))
+            convert(Stuck(src), tmp_path / "dst", Options(), RunConfig(workers=2))
         took = time.monotonic() - t0
     finally:
         release.set()

@@ -6,12 +6,9 @@ is unchanged afterwards and that DST never looks like a finished model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import numpy as np
 import pytest
 
 from repack import synth
+from tests.helpers import assert_not_finished, assert_refused, tree_hashes
+from tests.helpers import w3repack as cli
 
 INDEX = "model.safetensors.index.json"
 MTP = "model.layers.2.mlp.experts.0.gate_proj"  # 4-bit passthrough under bits=3
@@ -26,35 +25,6 @@ DENSE = "model.layers.0.mlp.gate_proj"  # 3-bit, converted
 MOE = "model.layers.1.mlp.experts.1.up_proj"  # 3-bit, converted
 EIGHT = "model.layers.0.mlp.down_proj"  # 8-bit passthrough
 KVB = "model.layers.0.self_attn.kv_b_proj"  # has g_idx; dequantized by default
-
-
-def cli(*args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "repack", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (symlinks followed), keyed by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(Path(root).rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_refused(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, exactly one ``error:`` line on stderr, no traceback, every needle in it; returns the line."""
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and "--debug" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
-def assert_not_finished(dst: Path) -> None:
-    for name in ("config.json", "w3repack.json", "quantization_config.json", INDEX):
-        assert not (dst / name).exists(), name
 
 
 def shard_of(root: Path, tensor: str) -> Path:

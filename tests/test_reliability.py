@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from repack import synth
-from tests.test_malformed import assert_not_finished, assert_refused, cli, tree_hashes
+from tests.helpers import assert_refused, tree_hashes, w3repack_in_process
+from tests.helpers import w3repack as cli
 
 STATE = Path(".w3repack") / "state.json"
 
@@ -383,11 +384,10 @@ def test_foreign_files_in_an_earlier_run_are_refused_or_removed_with_overwrite(s
     assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == want
 
 
-def test_free_space_refusal_without_root(src_copy, tmp_path, monkeypatch, capsys):
+def test_free_space_refusal_without_root(src_copy, tmp_path, monkeypatch):
     """The check runs before any byte is written and names both numbers (disk_usage patched, in process)."""
     from collections import namedtuple
 
-    from repack import cli as cli_mod
     from repack.checkpoint import open_checkpoint
     from repack.plan import Options, build_plan
 
@@ -395,10 +395,8 @@ def test_free_space_refusal_without_root(src_copy, tmp_path, monkeypatch, capsys
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, need - 1))
     dst = tmp_path / "dst"
-    monkeypatch.setattr(sys, "argv", ["w3repack", "convert", str(src_copy), str(dst)])
-    with pytest.raises(SystemExit) as e:
-        cli_mod.main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err_text = w3repack_in_process("convert", src_copy, dst)
+    assert code == 2
+    err = err_text.strip().splitlines()
     assert len(err) == 1 and "not enough free space" in err[0] and f"{need:,} more bytes" in err[0] and f"{need - 1:,}" in err[0]
     assert not dst.exists() or not any(p.is_file() for p in dst.rglob("*"))

@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,15 +21,15 @@ import pytest
 from repack import synth
 from repack.convert import convert
 from repack.plan import Options
+from repack.run import RunConfig
 from repack.serve import launcher, planner, recipes, smoke
+from tests.helpers import w3repack as run
 
 GIB = 1 << 30
 GOLDEN = Path(__file__).parent / "golden"
 PLACEHOLDER = "/models/DeepSeek-V3.2-REAP-345B-W4A16"
 
 
-def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "repack", *map(str, args)], capture_output=True, text=True, env=env)
 
 LAYERS, HIDDEN, EXPERTS, MOE_I, DENSE, DENSE_I = 61, 7168, 128, 2048, 3, 18432
 Q_LORA, KV_LORA, ROPE, NOPE, V, HEADS, VOCAB = 1536, 512, 64, 128, 128, 128, 129280
@@ -219,8 +218,7 @@ def test_gpu_facts_from_nvidia_smi(replica, tmp_path):
     assert p["gpu"]["count"] == 4 and p["gpu"]["memory_gib"] == 80.0 and p["gpu"]["compute_capability"] == "8.0"
     assert set(p["gpu"]["source"].values()) == {"nvidia-smi"} and p["tensor_parallel"] == 4
     env["PATH"] = str(tmp_path / "empty")
-    p = json.loads(subprocess.run([sys.executable, "-m", "repack", "plan", str(replica), "--json"],
-                                  capture_output=True, text=True, env=env).stdout)
+    p = json.loads(run("plan", replica, "--json", env=env).stdout)
     assert p["gpu"]["source"]["count"] == "default" and "assumed" in p["warnings"][0]
 
 
@@ -229,7 +227,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     spec = synth.TinySpec.small()
     src = synth.write_checkpoint(root / "w3", spec)
-    convert(src, root / "w4", Options(), workers=1)
+    convert(src, root / "w4", Options(), RunConfig(workers=1))
     return spec, src, root / "w4"
 
 
@@ -444,9 +442,8 @@ def test_long_prompt_length():
 def test_launch_script_names_the_model_by_absolute_path(replica, tmp_path):
     """A relative MODEL would make vLLM look the name up on the hub when the script runs elsewhere."""
     out = tmp_path / "serve.sh"
-    r = subprocess.run([sys.executable, "-m", "repack", "launch", replica.name, "-o", str(out), "--gpus", "8",
-                        "--gpu-memory", "80", "--compute-capability", "9.0", "--vllm-version", "0.26.0"],
-                       capture_output=True, text=True, cwd=replica.parent)
+    r = run("launch", replica.name, "-o", out, "--gpus", "8", "--gpu-memory", "80", "--compute-capability", "9.0",
+            "--vllm-version", "0.26.0", cwd=replica.parent)
     assert r.returncode == 0, r.stderr
     model_lines = [ln for ln in out.read_text().splitlines() if ln.startswith("MODEL=")]
     assert model_lines and all(str(replica.resolve()) in ln for ln in model_lines), model_lines

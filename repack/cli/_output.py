@@ -1,0 +1,170 @@
+"""Everything the commands print: JSON on stdout with ``--json``, else short human lines (progress and
+warnings on stderr, through ``repack.ui``)."""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING
+
+from repack import ui
+
+if TYPE_CHECKING:
+    from repack.convert import Result
+    from repack.demo import DemoResult
+    from repack.report import InspectReport
+    from repack.serve.smoke import Report as SmokeReport
+    from repack.verify import Report
+
+
+def inspect(rep: InspectReport, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(rep.to_json())
+        return
+    o = ui.out
+    o.print(f"[bold]{rep.path}[/]")
+    o.print(f"  architecture      {rep.architecture} ({rep.model_type})")
+    q = rep.quantization_config
+    o.print(f"  quantization      {q['quant_method']} {q['packing_format'] or ''} bits={q['bits']} group={q['group_size']} sym={q['sym']}")
+    o.print("  module widths     " + ", ".join(f"{k}-bit: {v}" for k, v in rep.module_widths.items()) + " (from tensor shapes)")
+    if rep.modules_not_at_config_bits:
+        o.print(f"  [yellow]{rep.modules_not_at_config_bits} modules differ from the config's bits[/], e.g. {rep.modules_not_at_config_bits_examples[0]}")
+    o.print("  group sizes       " + ", ".join(f"{k}: {v}" for k, v in rep.group_sizes.items()))
+    o.print(f"  float tensors     {rep.float_tensors}")
+    o.print(f"  shards            {rep.shards} ({ui.human(rep.shard_bytes)})")
+    c = rep.convert
+    o.print("  convert would do:")
+    for k, v in c.module_classes.items():
+        o.print(f"    {k:<26} {v}")
+    o.print(f"  output            {ui.human(c.output_shard_bytes)} of shards (x{c.growth:.3f}), {ui.human(c.output_total_bytes)} in all")
+    for w in rep.warnings:
+        o.print(f"  [yellow]warning:[/] {w}")
+
+
+def converted(res: Result, json_out: bool) -> None:
+    summary = res.summary()
+    if json_out:
+        ui.print_json(summary)
+        return
+    o = ui.out
+    o.print(f"[green]converted[/] {summary['source']} -> {summary['output']}")
+    o.print(f"  {summary['shards']} shards ({summary['shards_written']} written, {summary['shards_kept']} kept from an earlier run), "
+            f"{ui.human(summary['source_bytes'])} -> {ui.human(summary['output_bytes'])} in {summary['seconds']:.2f} s "
+            f"({summary['mb_per_s']} MB/s)")
+    for k, v in summary["module_classes"].items():
+        o.print(f"    {k:<26} {v}")
+    o.print(f"  manifest {summary['manifest']}; check it with: w3repack verify {summary['source']} {summary['output']}")
+
+
+def verified(rep: Report, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(rep.to_json())
+    elif rep.ok:
+        n = sum(rep.tensors.values())
+        ui.out.print(f"[green]identical[/]: {n} tensors checked bit for bit ("
+                     + ", ".join(f"{k} {v}" for k, v in rep.tensors.items())
+                     + f"), {ui.human(rep.src_bytes)} source, {ui.human(rep.dst_bytes)} output, {rep.seconds:.2f} s")
+    else:
+        ui.out.print(f"[red]DIFFERENT[/]: {rep.differences[0].line()}")
+        for d in rep.differences[1:10]:
+            ui.out.print(f"  also: {d.line()}")
+
+
+def pushed(summary: dict, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(summary)
+        return
+    o = ui.out
+    if summary["dry_run"]:
+        o.print(summary["card"], markup=False, highlight=False)
+        o.print(f"[bold]dry run[/]: would upload {len(summary['files'])} files ({ui.human(summary['bytes'])}) to {summary['repo']}"
+                + (" (private)" if summary["private"] else ""))
+        for f in summary["files"]:
+            o.print(f"  {f['path']:<48} {ui.human(f['bytes']):>10}" + ("  (generated card)" if f["generated"] else ""), markup=False)
+        return
+    o.print(f"[green]pushed[/] {len(summary['files'])} files ({ui.human(summary['bytes'])}) to {summary['repo']}: {summary.get('url', '')}")
+
+
+def demo(d: DemoResult, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(d.to_json())
+        return
+    o, res, rep = ui.out, d.converted, d.report
+    o.print(f"[bold]1. built[/] a synthetic 3-bit DeepSeek-V3-shaped checkpoint: {d.source}")
+    o.print(f"   {len(res.plan.shards)} shards, {ui.human(res.plan.src_shard_bytes)}, {len(res.plan.ckpt.modules)} quantized modules "
+            f"(3-bit layers + a 4-bit MTP layer under a bits=3 config), bf16 router/norms/embeddings")
+    o.print("[bold]2. converted[/] it to 4-bit GPTQ (w3repack convert):")
+    converted(res, False)
+    o.print("[bold]3. verified[/]: " + ("[green]identical[/]" if rep.ok else "[red]DIFFERENT[/]")
+            + f", {sum(rep.tensors.values())} tensors: " + ", ".join(f"{k} {v}" for k, v in rep.tensors.items()))
+    o.print("[bold]4. tamper check[/]: one flipped bit in a copy of the output is " + ("[green]caught[/]" if d.flipped else "[red]NOT caught[/]"))
+    if d.flipped:
+        o.print(f"   {d.flipped}", markup=False)
+    o.print("[bold]serve it[/] on a GPU box with stock vLLM (>= 0.17 detects auto-round by itself):")
+    o.print(f"   vllm serve {d.output} --tensor-parallel-size 1 --max-model-len 4096")
+    o.print(f"   or: w3repack launch {d.output} --gpus 8 -o serve.sh   (plans memory first)")
+
+
+# --- serving ----------------------------------------------------------------------------------------------
+
+
+def memory_plan(p: dict, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(p)
+        return
+    o, g = ui.out, p["gpu"]
+    o.print(f"[bold]{p['model']}[/] ({p['architecture']})")
+    o.print(f"  GPUs              {p['gpus']} x {g['memory_gib']:g} GiB, cc {g['compute_capability']}"
+            + (f", {g['name']}" if g["name"] else "") + f"  (from {', '.join(sorted(set(g['source'].values()))) or '?'})")
+    o.print(f"  layout            TP {p['tensor_parallel']} x PP {p['pipeline_parallel']}")
+    offload = f" ({p['weights_gib_on_gpu']:.2f} on GPU after offload)" if p["weights_gib_on_gpu"] != p["weights_gib_per_gpu"] else ""
+    o.print(f"  weights per GPU   {p['weights_gib_per_gpu']:.2f} GiB" + offload)
+    for k, v in p["weights_gib_by_class"].items():
+        o.print(f"    {k:<28} {v:8.3f} GiB")
+    a = p["allowances_gib"]
+    o.print(f"  budget            {p['budget_gib']:.2f} GiB at utilization {p['gpu_memory_utilization']:g}; allowances: "
+            f"activations {a['activations']} GiB ({a['max_num_batched_tokens']} batched tokens), "
+            f"CUDA graphs {a['cuda_graphs']} GiB, non-torch {a['non_torch']} GiB")
+    o.print(f"  KV cache          {p['kv_bytes_per_token']} bytes/token ({p['kv_cache_dtype']}; attention {p['kv_bytes_per_token_attention']}, "
+            f"indexer {p['kv_bytes_per_token_indexer']}), {p['kv_cache_gib']:.2f} GiB per GPU = {p['capacity_tokens']} tokens")
+    o.print(f"  max context       {p['max_model_len']} (model max {p['model_max_position_embeddings']})")
+    o.print("  fits              " + ("[green]yes[/]" if p["fits"] else f"[red]NO[/]: {p['reason']}"))
+    for w in p["warnings"]:
+        o.print(f"  [yellow]warning:[/] {w}", markup=True)
+    for alt in p["alternatives"]:
+        o.print(f"  alternative: {alt['description']}: {alt['weights_gib_per_gpu']:.2f} GiB weights/GPU, max context {alt['max_model_len']}")
+    o.print("  vllm serve MODEL " + " ".join(p["vllm_args"]), markup=False)
+
+
+def plan_warnings(p: dict) -> None:
+    for w in p["warnings"]:
+        ui.err.print(f"warning: {w}", markup=False)
+
+
+def launcher_written(output: object, p: dict, vllm_version: str, nodes: int) -> None:
+    ui.out.print(f"wrote {output}: {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {vllm_version}"
+                 + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else ""), markup=False)
+    plan_warnings(p)
+
+
+def serve_command(env: dict[str, str], argv: list[str]) -> None:
+    e = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    ui.out.print((e + " " if e else "") + shlex.join(argv), markup=False)
+
+
+def smoke(rep: SmokeReport, json_out: bool) -> None:
+    if json_out:
+        ui.print_json(rep.to_json())
+        return
+    for c in rep.checks:
+        ui.out.print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<40} {c.seconds:7.2f} s  {c.detail}", markup=False)
+    ui.out.print(f"{'passed' if rep.ok else 'FAILED'}: {sum(c.ok for c in rep.checks)} of {len(rep.checks)} checks, {rep.url} ({rep.model})", markup=False)
+
+
+def recipes(items: list[dict], json_out: bool) -> None:
+    if json_out:
+        ui.print_json(items)
+        return
+    for r in items:
+        hw = r["hardware"]
+        ui.out.print(f"{r['name']:<44} {hw['gpus']} x {hw['gpu_memory_gib']:g} GiB cc {hw['compute_capability']}  "
+                     f"source {r.get('source_repo', '-')}", markup=False)

@@ -1,0 +1,114 @@
+"""Commands on checkpoints: inspect, convert, verify, demo."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from repack import ui
+from repack.cli import _output
+from repack.errors import Mismatch
+
+
+class Method(str, Enum):
+    auto_round = "auto-round"
+    gptq = "gptq"
+
+
+def _options(quant_method: Method, kv_b_float: bool, indexer_float: bool):
+    from repack.plan import Options
+
+    return Options(quant_method=quant_method.value, kv_b_float=kv_b_float, indexer_float=indexer_float)
+
+
+def _progress(enabled: bool | None = None):
+    return lambda label, total: ui.byte_progress(label, total, enabled=enabled)
+
+
+def inspect(
+    src: str = typer.Argument(..., help="Checkpoint folder (or hub repo id)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    quant_method: Method = typer.Option(Method.auto_round, "--quant-method"),
+    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float"),
+    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float"),
+) -> None:
+    """Show architecture, quantization, per-module widths (from shapes) and what convert would do."""
+    from repack.checkpoint import open_checkpoint
+    from repack.plan import build_plan
+    from repack.report import inspect_report
+    from repack.sources import resolve_local
+
+    ckpt = open_checkpoint(resolve_local(src))
+    _output.inspect(inspect_report(ckpt, build_plan(ckpt, _options(quant_method, kv_b_float, indexer_float))), json_out)
+
+
+def convert(
+    src: str = typer.Argument(..., help="3-bit checkpoint folder (or hub repo id org/name[@revision])."),
+    dst: Path = typer.Argument(..., help="Output folder (created; resumable)."),
+    quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
+    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
+    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16: 20 MiB each)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
+    hashes: bool = typer.Option(True, "--hash/--no-hash", help=(
+        "Record the sha256 of every source and output shard (default). --no-hash saves ~60% of the CPU where the CPU, "
+        "not the disk, is the limit; verify still compares every byte.")),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub source: branch, tag or commit (same as SRC@REVISION)."),
+    delete_source_shards: bool = typer.Option(False, "--delete-source-shards", help=(
+        "Hub source: delete each cached source shard once its output shard is finished (peak disk: output + one shard).")),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the result to this hub repo (org/name) with a generated model card."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+) -> None:
+    """Convert every 2/3-bit symmetric module to 4-bit GPTQ; everything else byte-identical."""
+    from repack.convert import convert as run_convert
+    from repack.run import RunConfig
+    from repack.sources import open_source
+
+    source = open_source(src, revision, delete_source_shards)
+    run = RunConfig(workers=workers, overwrite=overwrite, hashes=hashes, progress=_progress())
+    res = run_convert(source, dst, _options(quant_method, kv_b_float, indexer_float), run)
+    _output.converted(res, json_out and not push_to_hub)
+    if push_to_hub:
+        from repack.push import push_converted
+
+        names = [s.name for s in res.plan.shards]
+        _output.pushed(push_converted(res.plan.ckpt.root, names, dst, push_to_hub, private, workers), json_out)
+
+
+def verify(
+    src: str = typer.Argument(..., help="The 3-bit source checkpoint."),
+    dst: Path = typer.Argument(..., help="The converted checkpoint."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Prove DST is SRC repacked: bitwise round trip over every byte. Exit 0 only if all matches."""
+    from repack.sources import resolve_local
+    from repack.verify import verify as run_verify
+
+    rep = run_verify(resolve_local(src), dst, workers=workers, progress=_progress(False if json_out else None))
+    _output.verified(rep, json_out)
+    if not rep.ok:
+        raise Mismatch(rep.differences[0].line())
+
+
+def demo(
+    dir: Optional[Path] = typer.Argument(None, help="Where to build the demo (default: a temporary folder)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Build a small synthetic 3-bit DeepSeek-V3-shaped checkpoint, convert it, verify it."""
+    from repack.demo import run_demo
+
+    d = run_demo(dir)
+    _output.demo(d, json_out)
+    if not d.ok:
+        raise Mismatch("demo verification failed")
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (inspect, convert, verify, demo):
+        app.command()(fn)

@@ -1,0 +1,121 @@
+"""The huggingface_hub client as w3repack uses it: repo ids, downloads into its cache, header range requests,
+and one place that turns hub and network failures into one-line UserErrors.
+
+huggingface_hub's settings apply as for every hub client (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN``,
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Iterator
+
+from repack.checkpoint import CONFIG_NAME
+from repack.errors import UserError
+from repack.safetensors_io import header_length
+
+REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+HEADER_PROBE = 65536
+
+
+def parse_repo_id(src: str) -> tuple[str, str | None] | None:
+    """``(repo, revision)`` if ``src`` reads as ``org/name[@revision]`` and is not an existing local path."""
+    if Path(src).expanduser().exists() or src.startswith((".", "/", "~")) or not REPO_RE.match(src):
+        return None
+    repo, _, rev = src.partition("@")
+    return repo, rev or None
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def quiet() -> None:
+    """No progress bars or retry chatter from huggingface_hub: the CLI prints one line per outcome."""
+    from huggingface_hub.utils import disable_progress_bars, logging
+
+    disable_progress_bars()
+    logging.set_verbosity_error()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn huggingface_hub and network failures into one-line UserErrors."""
+    from huggingface_hub import errors as he
+
+    try:
+        yield
+    except UserError:
+        raise
+    except he.GatedRepoError as e:
+        raise UserError(f"{what}: gated repository: accept its terms on the hub and set HF_TOKEN ({_first_line(e)})") from e
+    except he.RepositoryNotFoundError as e:
+        raise UserError(f"{what}: no such local folder, and no such hub repository (or it is private: set HF_TOKEN)") from e
+    except he.RevisionNotFoundError as e:
+        raise UserError(f"{what}: revision not found") from e
+    except he.LocalEntryNotFoundError as e:
+        hint = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
+        raise UserError(f"{what}: no such local folder, not in the local hub cache, and {hint}") from e
+    except he.EntryNotFoundError as e:
+        raise UserError(f"{what}: no such file in the repository") from e
+    except he.OfflineModeIsEnabled as e:
+        raise UserError(f"{what}: needs the network but HF_HUB_OFFLINE is set") from e
+    except he.HfHubHTTPError as e:
+        raise UserError(f"{what}: {_first_line(e)}") from e
+    except (ConnectionError, TimeoutError) as e:
+        raise UserError(f"{what}: network error: {e}") from e
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):
+            raise UserError(f"{what}: network error: {_first_line(e)}") from e
+        raise
+
+
+def download(repo: str, filename: str, revision: str | None, local_only: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(f"{repo}@{revision or 'main'}: {filename}"):
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only))
+
+
+def snapshot_from_cache(src: str) -> Path:
+    """The cached snapshot folder of ``org/name[@revision]`` (no download)."""
+    parsed = parse_repo_id(src)
+    if parsed is None:
+        return Path(src)
+    repo, rev = parsed
+    try:
+        return download(repo, CONFIG_NAME, rev, local_only=True).parent
+    except UserError as e:
+        raise UserError(f"{src}: not a local folder and not in the hub cache; `w3repack convert {src} DST` fetches it") from e
+
+
+def fetch_header_prefix(repo: str, commit: str, name: str) -> bytes:
+    """A shard's first ``8 + N`` bytes by HTTP range requests (``safetensors_io.parse_header`` reads them).
+
+    huggingface_hub's ``parse_safetensors_file_metadata`` returns the decoded JSON only; the plan needs the
+    exact bytes (the header length fixes every data offset, and a fetched shard must match them).
+    """
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo, name, revision=commit, endpoint=constants.ENDPOINT)
+    headers = build_hf_headers()
+    where = f"{repo}/{name}"
+    with hub_errors(f"{repo}@{commit}: {name} header"):
+        r = get_session().get(url, headers={**headers, "range": f"bytes=0-{HEADER_PROBE - 1}"}, timeout=30)
+        hf_raise_for_status(r)
+        data = bytes(r.content)
+        n = header_length(where, data)
+        if len(data) < 8 + n:
+            r = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=30)
+            hf_raise_for_status(r)
+            data = data[:8] + bytes(r.content)
+        return data[: 8 + n]
