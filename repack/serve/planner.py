@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from repack.errors import FormatError, UserError
@@ -596,12 +595,3 @@ def check_request(req: Request) -> None:
         raise UserError(f"--max-model-len {req.max_model_len}: must be positive")
     if req.cpu_offload_gib < 0:
         raise UserError("--cpu-offload-gb must not be negative")
-
-
-def plan_path(path: str | os.PathLike, req: Request) -> dict:
-    check_request(req)
-    return plan(load_model(path), req)
-
-
-def to_json(obj) -> dict:
-    return asdict(obj)
