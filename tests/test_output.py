@@ -1,0 +1,95 @@
+"""output: the manifest as the only reader and writer of w3repack.json; what prepare keeps; space checks."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from repack import output
+from repack.errors import UserError
+from repack.output import MANIFEST_NAME, STATE_DIR, FileRecord, Manifest, ManifestError, Output, ShardHashes, finished_output
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_manifest_round_trip_is_byte_stable(converted):
+    path = converted[1] / MANIFEST_NAME
+    man = Manifest.load(converted[1])
+    assert man is not None and man.complete and man.shard_hashes
+    assert json.dumps(man.to_json(), indent=2) + "\n" == path.read_text()
+    assert man.finished()[man.output_shards[0].name] == ShardHashes(man.output_shards[0].sha256, man.source_files[0].sha256)
+
+
+def test_manifest_is_lenient_except_for_options(tmp_path):
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"options": {}, "output_shards": [1, {"name": "a", "size": 3}],
+                                                      "source": "x", "complete": "yes"}))
+    man = Manifest.load(tmp_path)
+    assert man.output_shards == [FileRecord("a", 3, None)] and man.source_files == [] and not man.complete
+    with pytest.raises(UserError, match="not complete"):
+        finished_output(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"complete": True}))
+    with pytest.raises(ManifestError, match="no options"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()
+    assert Manifest.load(tmp_path) is None
+    with pytest.raises(UserError, match="not a finished w3repack output"):
+        finished_output(tmp_path)
+
+
+def run_once(dst: Path, fp: dict, files: dict[str, bytes]) -> Output:
+    out = Output(dst)
+    out.start(fp, {})
+    for name, data in files.items():
+        out.partial_path(name).write_bytes(data)
+        out.commit_shard(name, ShardHashes(None, None))
+    return out
+
+
+def test_prepare_keeps_only_what_the_same_run_finished(tmp_path):
+    dst, fp = tmp_path / "dst", {"run": 1}
+    sizes = {"a": 3, "b": 4}
+    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False) == {}
+    run_once(dst, fp, {"a": b"abc"})
+    assert not (dst / STATE_DIR / "a.partial").exists() and (dst / "a").read_bytes() == b"abc"
+    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=True) == {}, "unhashed: redone"
+    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=False) == {"a": ShardHashes(None, None)}
+    with pytest.raises(UserError, match="a different conversion"):
+        Output(dst).prepare({"run": 2}, sizes, set(sizes), overwrite=False)
+    (dst / "junk").write_text("x")
+    with pytest.raises(UserError, match="did not write.*junk"):
+        Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=False)
+    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=True, hashes=False) == {"a": ShardHashes(None, None)}
+    assert not (dst / "junk").exists()
+    assert Output(dst).prepare({"run": 2}, sizes, set(sizes), overwrite=True) == {} and not any(dst.iterdir())
+
+
+def test_prepare_refuses_files_not_from_w3repack(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="files that are not from w3repack"):
+        Output(tmp_path).prepare({}, {}, set(), overwrite=False)
+    with pytest.raises(UserError, match="not a directory"):
+        Output(tmp_path / "model.safetensors").prepare({}, {}, set(), overwrite=False)
+
+
+def test_finish_writes_the_manifest_and_drops_the_state(tmp_path):
+    out = run_once(tmp_path / "dst", {"run": 1}, {"a": b"abc"})
+    out.save_record("hub-headers", "a", b"head")
+    assert out.record("hub-headers", "a") == b"head" and out.record("hub-headers", "b") is None
+    man = Manifest({"run": 1}, {}, "/src", [], [FileRecord("a", 3, None)], [], {}, [], 3, False)
+    out.finish(man)
+    assert not (tmp_path / "dst" / STATE_DIR).exists()
+    assert Manifest.load(tmp_path / "dst") == man
+
+
+def test_space_checks_add_up_what_shares_a_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: Usage(1 << 40, 0, 1000))
+    out = Output(tmp_path / "new" / "dst")
+    out.check_space(1000)
+    with pytest.raises(UserError, match=r"output needs 1,001 more bytes.*1,000 bytes"):
+        out.check_space(1001)
+    out.check_space(600, [(tmp_path / "cache", 400)])
+    with pytest.raises(UserError, match=r"needs 1,001 bytes.*source shards to fetch.*; hint$"):
+        out.check_space(600, [(tmp_path / "cache", 401)], "; hint")
