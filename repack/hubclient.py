@@ -46,36 +46,41 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _hub_message(e: Exception) -> str | None:
+    """The one-line reason for a hub or network failure (None: not one); subclasses come before their bases."""
+    from huggingface_hub import errors as he
+
+    local = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
+    table: list[tuple[type | tuple[type, ...], str]] = [
+        (he.GatedRepoError, f"gated repository: accept its terms on the hub and set HF_TOKEN ({_first_line(e)})"),
+        (he.RepositoryNotFoundError, "no such local folder, and no such hub repository (or it is private: set HF_TOKEN)"),
+        (he.RevisionNotFoundError, "revision not found"),
+        (he.LocalEntryNotFoundError, f"no such local folder, not in the local hub cache, and {local}"),
+        (he.EntryNotFoundError, "no such file in the repository"),
+        (he.OfflineModeIsEnabled, "needs the network but HF_HUB_OFFLINE is set"),
+        (he.HfHubHTTPError, _first_line(e)),
+        ((ConnectionError, TimeoutError), f"network error: {e}"),
+    ]
+    for cls, msg in table:
+        if isinstance(e, cls):
+            return msg
+    if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):
+        return f"network error: {_first_line(e)}"
+    return None
+
+
 @contextlib.contextmanager
 def hub_errors(what: str) -> Iterator[None]:
     """Turn huggingface_hub and network failures into one-line UserErrors."""
-    from huggingface_hub import errors as he
-
     try:
         yield
     except UserError:
         raise
-    except he.GatedRepoError as e:
-        raise UserError(f"{what}: gated repository: accept its terms on the hub and set HF_TOKEN ({_first_line(e)})") from e
-    except he.RepositoryNotFoundError as e:
-        raise UserError(f"{what}: no such local folder, and no such hub repository (or it is private: set HF_TOKEN)") from e
-    except he.RevisionNotFoundError as e:
-        raise UserError(f"{what}: revision not found") from e
-    except he.LocalEntryNotFoundError as e:
-        hint = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
-        raise UserError(f"{what}: no such local folder, not in the local hub cache, and {hint}") from e
-    except he.EntryNotFoundError as e:
-        raise UserError(f"{what}: no such file in the repository") from e
-    except he.OfflineModeIsEnabled as e:
-        raise UserError(f"{what}: needs the network but HF_HUB_OFFLINE is set") from e
-    except he.HfHubHTTPError as e:
-        raise UserError(f"{what}: {_first_line(e)}") from e
-    except (ConnectionError, TimeoutError) as e:
-        raise UserError(f"{what}: network error: {e}") from e
     except Exception as e:
-        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):
-            raise UserError(f"{what}: network error: {_first_line(e)}") from e
-        raise
+        msg = _hub_message(e)
+        if msg is None:
+            raise
+        raise UserError(f"{what}: {msg}") from e
 
 
 def download(repo: str, filename: str, revision: str | None, local_only: bool = False) -> Path:
