@@ -295,7 +295,7 @@ def quantized_modules(tensors: dict) -> dict:
 
 
 def module_bits(mod: dict) -> int:
-    """Bit width from the shapes (FORMATS.md: the config's ``bits`` is not always every module's)."""
+    """Bit width from the shapes (docs/formats.md: the config's ``bits`` is not always every module's)."""
     qz, sc = mod["qzeros"], mod["scales"]
     bits, rem = divmod(32 * qz.shape[1], sc.shape[1])
     if rem:

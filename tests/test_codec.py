@@ -1,4 +1,4 @@
-"""Codec tests: pinned bit vectors from FORMATS.md, and hypothesis round trips against a big-int decoder."""
+"""Codec tests: pinned bit vectors from docs/formats.md, and hypothesis round trips against a big-int decoder."""
 
 import numpy as np
 import pytest
@@ -17,14 +17,14 @@ def _one_code(index: int, value: int) -> list[int]:
 
 
 def test_code_10_straddles_w0_w1():
-    # FORMATS: code 10 has its 2 low bits at w0 bits 30-31 and its high bit at w1 bit 0
+    # docs/formats.md: code 10 has its 2 low bits at w0 bits 30-31 and its high bit at w1 bit 0
     assert _one_code(10, 0b111) == [0xC0000000, 0x00000001, 0]
     assert _one_code(10, 0b001) == [0x40000000, 0, 0]
     assert _one_code(10, 0b100) == [0, 0x00000001, 0]
 
 
 def test_code_21_straddles_w1_w2():
-    # FORMATS: code 21 has its low bit at w1 bit 31 and bits 1-2 at w2 bits 0-1
+    # docs/formats.md: code 21 has its low bit at w1 bit 31 and bits 1-2 at w2 bits 0-1
     assert _one_code(21, 0b111) == [0, 0x80000000, 0x00000003]
     assert _one_code(21, 0b001) == [0, 0x80000000, 0]
     assert _one_code(21, 0b110) == [0, 0, 0x00000003]

@@ -115,7 +115,7 @@ def q4(k, n):
 
 
 def hand_weights_per_gpu(tp):
-    """Per-GPU bytes at tensor parallel ``tp``, written from FORMATS.md §3-4 without the planner's code."""
+    """Per-GPU bytes at tensor parallel ``tp``, written from docs/formats.md §3-4 without the planner's code."""
     h = HIDDEN
     total = 2 * (VOCAB * h * 2) / tp + h * 2  # embed_tokens and lm_head split on vocab, final norm
     per_layer = (2 * h + Q_LORA + KV_LORA) * 2  # norms
@@ -140,7 +140,7 @@ def _plan(root, tp, mem, cc, **kw):
 
 def test_replica_is_sparse_and_full_size(replica):
     apparent = sum(p.stat().st_size for p in replica.glob("*.safetensors"))
-    assert 175e9 < apparent < 200e9  # ~180 GB at 4 bits (FORMATS §4) plus MTP layer and float32 kv_b_proj
+    assert 175e9 < apparent < 200e9  # ~180 GB at 4 bits (docs/formats.md §4) plus MTP layer and float32 kv_b_proj
     assert sum(p.stat().st_blocks * 512 for p in replica.glob("*.safetensors")) < 200e6
 
 

@@ -1,6 +1,6 @@
 """``vllm serve`` command lines and launcher scripts from a plan, with flags chosen per vLLM version.
 
-Version rules (FORMATS.md §3): vLLM >= 0.17 maps ``quant_method: auto-round`` to its ``inc`` method by itself,
+Version rules (docs/formats.md §3): vLLM >= 0.17 maps ``quant_method: auto-round`` to its ``inc`` method by itself,
 so no ``--quantization`` is passed (older versions get ``--quantization auto-round``); GPTQ configs are
 picked up as ``gptq_marlin`` by every version. From 0.30 on, sm90+ GPUs default to the Humming MoE kernel;
 ``--moe-backend marlin`` keeps Marlin there.

@@ -3,7 +3,7 @@
 Checks: ``GET /v1/models``; a short chat completion; a completion whose prompt is longer than one prefill
 chunk (vLLM's default chunk is 2048 tokens on GPUs under 70 GiB, 8192 above; the prompt is cut to 80% of the
 server's ``max_model_len``); the same prompt again, which hits the
-prefix cache. The last two are where a quantized DeepSeek ``kv_b_proj`` crashes vLLM 0.26 (FORMATS.md §3),
+prefix cache. The last two are where a quantized DeepSeek ``kv_b_proj`` crashes vLLM 0.26 (docs/formats.md §3),
 which a "hello" test never sees.
 """
 
