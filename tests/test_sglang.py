@@ -12,7 +12,7 @@ from repack.errors import UserError
 from repack.plan import Options
 from repack.serve import planner, recipes
 from repack.serve import sglang as sg
-from tests.test_serve import PLACEHOLDER, hand_weights_per_gpu, write_replica
+from tests.replica import PLACEHOLDER, hand_weights_per_gpu, write_replica
 
 GIB = 1 << 30
 KV_345B = (576 * 2 + 132) * 61  # MLA latent + rope in 16-bit, DSA indexer 128 fp8 + 4-byte scale, 61 layers
@@ -116,7 +116,8 @@ def test_memory_rule_by_hand():
     assert auto.cpu_offload_gb == 1 and auto.fits  # 20 - 20.7 + 16384*70272/2^30 = 0.372 -> 1 GiB
     over = sg.memory(30.0, 70_272, g, 4, mem_fraction_static=0.9, cpu_offload_gb=0)
     assert not over.fits and "exceed the static budget" in over.reason
-    assert sg.default_fraction(24.0, 8) == 0.743 and sg.default_fraction(24.0, 8, cuda_graph=False) == 0.812  # 19968/24576 = 0.8125, Python rounds half to even as SGLang does
+    # 19968/24576 = 0.8125, Python rounds half to even as SGLang does
+    assert sg.default_fraction(24.0, 8) == 0.743 and sg.default_fraction(24.0, 8, cuda_graph=False) == 0.812
 
 
 def test_script_is_valid_bash_and_checks_version(replica, tmp_path):

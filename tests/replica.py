@@ -1,0 +1,105 @@
+"""The DeepSeek-V3.2-REAP-345B-W4A16 replica the serving tests plan against: real safetensors headers, data
+regions left as sparse holes, and the per-GPU weight bytes computed by hand from docs/formats.md §3-4."""
+
+import json
+import struct
+from pathlib import Path
+
+PLACEHOLDER = "/models/DeepSeek-V3.2-REAP-345B-W4A16"
+
+LAYERS, HIDDEN, EXPERTS, MOE_I, DENSE, DENSE_I = 61, 7168, 128, 2048, 3, 18432
+Q_LORA, KV_LORA, ROPE, NOPE, V, HEADS, VOCAB = 1536, 512, 64, 128, 128, 128, 129280
+IDX_HEADS, IDX_DIM = 64, 128
+SIZES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}
+
+
+def quant(prefix, k, n):
+    return [(f"{prefix}.qweight", "I32", [k // 8, n]), (f"{prefix}.qzeros", "I32", [k // 128, n // 8]),
+            (f"{prefix}.scales", "F16", [k // 128, n])]
+
+
+def layer_tensors(layer):
+    p = f"model.layers.{layer}"
+    h = HIDDEN
+    t = [(f"{p}.input_layernorm.weight", "BF16", [h]), (f"{p}.post_attention_layernorm.weight", "BF16", [h]),
+         (f"{p}.self_attn.q_a_layernorm.weight", "BF16", [Q_LORA]), (f"{p}.self_attn.kv_a_layernorm.weight", "BF16", [KV_LORA]),
+         (f"{p}.self_attn.kv_b_proj.weight", "F32", [HEADS * (NOPE + V), KV_LORA]),
+         (f"{p}.self_attn.indexer.wk.weight", "F32", [IDX_DIM, h]),
+         (f"{p}.self_attn.indexer.weights_proj.weight", "F32", [IDX_HEADS, h]),
+         (f"{p}.self_attn.indexer.k_norm.weight", "BF16", [IDX_DIM]), (f"{p}.self_attn.indexer.k_norm.bias", "BF16", [IDX_DIM])]
+    t += quant(f"{p}.self_attn.q_a_proj", h, Q_LORA) + quant(f"{p}.self_attn.q_b_proj", Q_LORA, HEADS * (NOPE + ROPE))
+    t += quant(f"{p}.self_attn.kv_a_proj_with_mqa", h, KV_LORA + ROPE) + quant(f"{p}.self_attn.o_proj", HEADS * V, h)
+    t += quant(f"{p}.self_attn.indexer.wq_b", Q_LORA, IDX_HEADS * IDX_DIM)
+    if layer < DENSE:
+        t += quant(f"{p}.mlp.gate_proj", h, DENSE_I) + quant(f"{p}.mlp.up_proj", h, DENSE_I) + quant(f"{p}.mlp.down_proj", DENSE_I, h)
+    else:
+        t += [(f"{p}.mlp.gate.weight", "BF16", [EXPERTS, h]), (f"{p}.mlp.gate.e_score_correction_bias", "F32", [EXPERTS])]
+        for e in [*(f"experts.{i}" for i in range(EXPERTS)), "shared_experts"]:
+            q = f"{p}.mlp.{e}"
+            t += quant(f"{q}.gate_proj", h, MOE_I) + quant(f"{q}.up_proj", h, MOE_I) + quant(f"{q}.down_proj", MOE_I, h)
+    if layer == LAYERS:
+        t += [(f"{p}.enorm.weight", "BF16", [h]), (f"{p}.hnorm.weight", "BF16", [h]), (f"{p}.shared_head.norm.weight", "BF16", [h]),
+              (f"{p}.embed_tokens.weight", "BF16", [VOCAB, h])]
+        t += quant(f"{p}.eh_proj", 2 * h, h) + quant(f"{p}.shared_head.head", h, VOCAB)
+    return t
+
+
+def write_sparse(path, tensors):
+    header, off = {}, 0
+    for name, dtype, shape in tensors:
+        n = SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+
+
+def write_replica(root):
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {"model-00000.safetensors": [("model.embed_tokens.weight", "BF16", [VOCAB, HIDDEN]),
+                                          ("model.norm.weight", "BF16", [HIDDEN]), ("lm_head.weight", "BF16", [VOCAB, HIDDEN])]}
+    for layer in range(LAYERS + 1):
+        shards[f"model-{layer + 1:05d}.safetensors"] = layer_tensors(layer)
+    wm = {}
+    for name, tensors in shards.items():
+        write_sparse(root / name, tensors)
+        wm.update({t[0]: name for t in tensors})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    cfg = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "hidden_size": HIDDEN,
+           "num_hidden_layers": LAYERS, "num_nextn_predict_layers": 1, "n_routed_experts": EXPERTS, "n_shared_experts": 1,
+           "num_experts_per_tok": 8, "moe_intermediate_size": MOE_I, "first_k_dense_replace": DENSE,
+           "intermediate_size": DENSE_I, "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_rope_head_dim": ROPE,
+           "qk_nope_head_dim": NOPE, "v_head_dim": V, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+           "vocab_size": VOCAB, "max_position_embeddings": 163840, "torch_dtype": "bfloat16",
+           "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048,
+           "quantization_config": {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4,
+                                   "group_size": 128, "sym": True, "data_type": "int",
+                                   "extra_config": {".*kv_b_proj.*": {"bits": 16, "data_type": "float"}}}}
+    (root / "config.json").write_text(json.dumps(cfg, indent=1))
+    return root
+
+
+def q4(k, n):
+    """Bytes vLLM holds for a 4-bit GPTQ linear [N=n, K=k], group 128: codes, fp16 scales, packed zeros."""
+    return k * n // 2 + (k // 128) * n * 2 + (k // 128) * (n // 8) * 4
+
+
+def hand_weights_per_gpu(tp):
+    """Per-GPU bytes at tensor parallel ``tp``, written from docs/formats.md §3-4 without the planner's code."""
+    h = HIDDEN
+    total = 2 * (VOCAB * h * 2) / tp + h * 2  # embed_tokens and lm_head split on vocab, final norm
+    per_layer = (2 * h + Q_LORA + KV_LORA) * 2  # norms
+    per_layer += q4(h, Q_LORA) + q4(h, KV_LORA + ROPE)  # replicated q_a / kv_a
+    per_layer += (q4(Q_LORA, HEADS * (NOPE + ROPE)) + q4(HEADS * V, h)) / tp  # q_b, o_proj split on heads
+    per_layer += HEADS * (NOPE + V) * KV_LORA * 2 / tp  # kv_b_proj: float32 on disk, bf16 in vLLM
+    per_layer += q4(Q_LORA, IDX_HEADS * IDX_DIM) + (IDX_DIM + IDX_HEADS) * h * 2 + 2 * IDX_DIM * 2  # indexer, replicated
+    total += LAYERS * per_layer
+    total += DENSE * 3 * q4(h, DENSE_I) / tp
+    total += (LAYERS - DENSE) * ((EXPERTS + 1) * 3 * q4(h, MOE_I) / tp + EXPERTS * h * 2 + EXPERTS * 4)
+    return total
