@@ -1,11 +1,19 @@
-"""End-to-end GPU check: synthetic 3-bit DeepSeek-V3 -> refused by vLLM -> convert -> served on Marlin -> compared.
+"""End-to-end GPU check of both serving paths: the 3-bit source served natively, and the converted 4-bit model.
 
-Builds the tiny synthetic checkpoint (``repack.synth``), confirms stock vLLM refuses the 3-bit source,
-converts it, serves the 4-bit result through vLLM's Python API, checks the MoE layers run on Marlin, and
-compares greedy tokens and log-probs with a float model holding the exactly dequantized weights
-(``codec.dequantize`` of the 3-bit source, stored float32). Prompts: short ones, one longer than a prefill
-chunk (``max_num_batched_tokens`` 256, chunked prefill), and the same long prompt again (prefix-cache hit).
-Every vLLM engine runs in its own subprocess. Needs a CUDA GPU and vLLM importable.
+Builds the tiny synthetic checkpoint (``repack.synth``) and converts it. Then, each vLLM engine in its own
+subprocess, through vLLM's Python API:
+
+* the 3-bit source (``w3-*``): vLLM < 0.30 must refuse it (``bits=3 ... not supported``); vLLM >= 0.30 must
+  serve it (Humming kernels) and match the float reference;
+* the converted model (``w4-*``) under the backend this vLLM picks by itself, and (vLLM >= 0.30) with
+  ``moe_backend="marlin"`` (``w4marlin-*``): both must match the float reference; the MoE kernel must be
+  Marlin where vLLM has no other choice (< 0.30, or below sm90) and where Marlin was asked for;
+* the float reference: every quantized module's ``weight`` is the exact float32 dequantization of the 3-bit
+  source (``codec.dequantize``), independent of the converter.
+
+The kernels each engine logged (MoE backend, linear kernels) are recorded. Prompts: short ones, one longer
+than a prefill chunk (``max_num_batched_tokens`` 256, chunked prefill), the same long prompt again (prefix-cache
+hit) and salted (no hit); greedy tokens and log-probs compared. Needs a CUDA GPU and vLLM importable.
 
     PYTHONPATH=/path/to/vllm/site:$PWD python scripts/gpu_check.py --out OUT [--tp 1,2] [--dtypes float16,bfloat16]
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +41,30 @@ CHUNK = 256          # max_num_batched_tokens: a 700-token prompt takes 3 schedu
 LONG = 700
 TOL = {"float16": 0.05, "bfloat16": 0.15}  # max |logprob diff| of the chosen tokens, in nats
 MARLIN_LINE = "Using 'MARLIN' WNA16 MoE backend"
+REFUSAL_RE = re.compile(r"NotImplementedError.*bits=3")
+KERNEL_RE = re.compile(r"(Using \S.*(MoE )?backend|Selected \w+ for \w+)")
+NATIVE_FROM = (0, 30)  # the first vLLM release that serves 3-bit auto-round checkpoints (Humming kernels)
+
+
+def vllm_version() -> tuple[int, ...] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("vllm")).release
+    except PackageNotFoundError:
+        return None
+
+
+def kernel_lines(text: str) -> list[str]:
+    """The distinct kernel-selection lines of an engine log, without their logging prefix."""
+    out: list[str] = []
+    for ln in text.splitlines():
+        m = KERNEL_RE.search(ln)
+        if m and ln[m.start():].strip() not in out:
+            out.append(ln[m.start():].strip()[:160])
+    return out
 
 
 # ---------------------------------------------------------------- checkpoints (CPU only)
@@ -137,10 +170,11 @@ def prompts(vocab: int = 1024) -> dict:
 def _engine(spec: dict):
     from vllm import LLM
 
+    extra = {"moe_backend": spec["moe_backend"]} if spec.get("moe_backend") else {}
     return LLM(model=spec["model"], tensor_parallel_size=spec.get("tp", 1), dtype=spec.get("dtype", "float16"),
                enforce_eager=True, skip_tokenizer_init=True, attention_backend="TRITON_MLA",
                max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
-               enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0)
+               enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0, **extra)
 
 
 def _moe_methods(model) -> dict:
@@ -161,14 +195,6 @@ def _moe_methods(model) -> dict:
     return out
 
 
-def child_refuse(spec: dict) -> dict:
-    try:
-        _engine(spec)
-    except BaseException as e:  # noqa: BLE001 - the refusal is the expected outcome
-        return {"loaded": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-    return {"loaded": True}
-
-
 def child_generate(spec: dict) -> dict:
     import torch
     import vllm
@@ -178,7 +204,14 @@ def child_generate(spec: dict) -> dict:
     llm = _engine(spec)
     load_s = time.monotonic() - t0
     info = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "vllm": vllm.__version__,
+            "cc": list(torch.cuda.get_device_capability(0)),
             "torch": torch.__version__, "load_seconds": round(load_s, 1)}
+    try:
+        from importlib.metadata import version as _version
+
+        info["humming"] = _version("humming-kernels")
+    except Exception:  # noqa: BLE001 - vLLM < 0.30 ships no Humming
+        info["humming"] = None
     try:
         import importlib  # by reference through an importable name, so TP>1 workers can unpickle it
         try:
@@ -396,9 +429,18 @@ def describe(c: dict, tol: float) -> str:
     return s + f", max |dlogprob| {c['max_lp_diff']:.4f} (tol {tol})"
 
 
-def evaluate(engines: dict, pr: dict, strict: set) -> list[dict]:
+def expectations(version: tuple[int, ...] | None, cc: tuple[int, int] | None) -> dict:
+    """What this vLLM version must do with each path (the pass/fail definition per version)."""
+    native = version is not None and tuple(version[:2]) >= NATIVE_FROM
+    return {"native_served": native,
+            # the converted model's MoE must be Marlin where vLLM has no faster choice for it
+            "w4_marlin_by_default": not native or cc is None or cc < (9, 0)}
+
+
+def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -> list[dict]:
     """Pass/fail rows from the engines' records (``--from-results`` re-runs only this)."""
     rows: list[dict] = []
+    expect = expect or {"native_served": False, "w4_marlin_by_default": True}
 
     def row(check, ok, detail, hard=True):
         status = "PASS" if ok else ("FAIL" if hard else "WARN")
@@ -406,7 +448,7 @@ def evaluate(engines: dict, pr: dict, strict: set) -> list[dict]:
 
     flat = {n: ids for rnd in pr.values() for n, ids in rnd.items()}
     same = {n: [m for m in flat if flat[m] == ids] for n, ids in flat.items()}  # prompts with equal ids
-    if "refuse" in engines:
+    if "refuse" in engines:  # records of the older script
         r = engines["refuse"]
         row("vLLM refuses the 3-bit source", bool(r.get("refusal_line")) and not r.get("loaded", True),
             (r.get("refusal_line") or f"rc={r.get('rc')} loaded={r.get('loaded')}")[:220])
@@ -414,28 +456,36 @@ def evaluate(engines: dict, pr: dict, strict: set) -> list[dict]:
     for name in names:
         r = engines[name]
         ok = r.get("rc") == 0 and "results" in r
+        kernels = "; ".join(r.get("kernel_lines", [])) or "none logged"
+        if name.startswith("w3") and not expect["native_served"]:
+            row(f"{name}: this vLLM refuses the 3-bit source", not ok and bool(r.get("refusal_line")),
+                (r.get("refusal_line") or f"rc={r.get('rc')} | {r.get('log_tail', '')}")[:220])
+            continue
         row(f"{name} serves", ok, f"rc={r.get('rc')}, load {r.get('info', {}).get('load_seconds')} s, "
             f"engine total {r.get('seconds')} s{'' if ok else ' | ' + r.get('log_tail', '')}")
-        if ok and name.startswith("w4"):
-            info = r["info"]
-            moe = sorted({v for v in info.get("methods", {}).values() if "Experts" in v.split(":")[0] or "MoE" in v.split(":")[0]})
+        if not ok:
+            continue
+        if name.startswith("w3"):
+            row(f"{name} kernels (Humming expected)", "humming" in kernels.lower(), kernels[:300])
+        elif name.startswith("w4marlin") or (name.startswith("w4") and expect["w4_marlin_by_default"]):
             row(f"{name} MoE layers on Marlin", r.get("marlin_line", False),
-                f"log: {MARLIN_LINE!r} {'seen' if r.get('marlin_line') else 'MISSING'}; "
-                f"module methods: {moe or (info.get('methods_error') or '')[:90]}")
+                f"log: {MARLIN_LINE!r} {'seen' if r.get('marlin_line') else 'MISSING'}; kernels: {kernels[:240]}")
+        elif name.startswith("w4"):
+            row(f"{name} kernels (vLLM's own choice)", "MoE backend" in kernels, kernels[:300])
     for name in names:
         r = engines[name]
         if "results" not in r:
             continue
         dtype, res = name.rsplit("-", 1)[1], r["results"]
         hard, tol = dtype in strict, TOL[dtype]
-        if name.startswith("w4"):
+        if name.startswith(("w3", "w4")):
             ref = engines.get(f"ref-{dtype}", {}).get("results")
             if ref:
                 for p in res:
                     c = judge(res[p], {m: ref[m] for m in same[p] if m in ref}, tol)
                     row(f"{name} vs float ref: {p}", c["verdict"] != "mismatch", describe(c, tol), hard)
             tp = int(name.split("-")[1][2:])
-            base = next((engines[n]["results"] for n in names if n.startswith("w4-tp") and n.endswith(dtype)
+            base = None if not name.startswith("w4-") else next((engines[n]["results"] for n in names if n.startswith("w4-tp") and n.endswith(dtype)
                          and int(n.split("-")[1][2:]) < tp and "results" in engines[n]), None)
             if base:  # a run of either counts: the float reference itself takes both branches at a near tie
                 for p in res:
@@ -492,7 +542,7 @@ def main() -> int:
     ap.add_argument("--strict", default="float16",
                     help="dtypes whose token/log-prob comparisons fail the run; others print WARN (see docs/validation.md)")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--skip-refusal", action="store_true")
+    ap.add_argument("--skip-native", action="store_true", help="do not try the 3-bit source")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per engine")
     ap.add_argument("--from-results", type=Path, help="re-judge a results.json of an earlier run (no GPU)")
     ap.add_argument("--serve-gpus", default="", help="also launch + smoke the converted model at these GPU counts, e.g. 1")
@@ -508,10 +558,12 @@ def main() -> int:
     else:
         report = run_engines(args, out, pr)
     engines = report["engines"]
-    rows = evaluate(engines, pr, strict)
-    report.update(checks=rows, strict=sorted(strict), tolerance=TOL)
     info = next((e["info"] for e in engines.values() if isinstance(e, dict) and "info" in e), {})
-    report["environment"] = {k: info.get(k) for k in ("gpu", "gpus", "vllm", "torch")}
+    version = tuple(report.get("vllm_release") or vllm_version() or ())
+    expect = expectations(version or None, tuple(info["cc"]) if info.get("cc") else None)
+    rows = evaluate(engines, pr, strict, expect)
+    report.update(checks=rows, strict=sorted(strict), tolerance=TOL, expectations=expect)
+    report["environment"] = {k: info.get(k) for k in ("gpu", "gpus", "cc", "vllm", "torch", "humming")}
     failed = [r for r in rows if r["status"] == "FAIL"]
     judged = [r for r in rows if r["status"] in ("PASS", "FAIL", "WARN")]
     report["passed"] = not failed and bool(judged)
@@ -548,25 +600,34 @@ def run_engines(args, out: Path, pr: dict) -> dict:
     paths = build(work)
     print(f"built in {work}: {paths['seconds']}", flush=True)
     dtypes, tps = [d for d in args.dtypes.split(",") if d], [int(x) for x in args.tp.split(",")]
-    jobs = [] if args.skip_refusal else [("refuse", "refuse", {"model": paths["src"], "dtype": "bfloat16"})]
+    version = vllm_version()
+    native = version is not None and tuple(version[:2]) >= NATIVE_FROM
+    jobs = []
     for dtype in dtypes:
         spec = {"dtype": dtype, "max_tokens": args.max_tokens, "prompts": pr}
         jobs.append((f"ref-{dtype}", "generate", dict(spec, model=paths["ref"], tp=1)))
+        if not args.skip_native:
+            jobs.append((f"w3-tp1-{dtype}", "generate", dict(spec, model=paths["src"], tp=1)))
         jobs += [(f"w4-tp{t}-{dtype}", "generate", dict(spec, model=paths["dst"], tp=t)) for t in tps]
-    engines = {}
+        if native:  # vLLM picks its own MoE backend for 4-bit from 0.30 on: Marlin too, when asked for
+            jobs.append((f"w4marlin-tp1-{dtype}", "generate", dict(spec, model=paths["dst"], tp=1, moe_backend="marlin")))
+    engines: dict = {}
+    report = {"paths": paths, "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines,
+              "vllm_release": list(version) if version else None}
     with open(out / "engines.log", "w") as elog:
         for name, mode, spec in jobs:
             r = run_child(mode, spec, logs / f"{name}.log", args.timeout)
             text = r.pop("log")
             r["marlin_line"] = MARLIN_LINE in text
+            r["kernel_lines"] = kernel_lines(text)
             r["log_tail"] = " / ".join(text.strip().splitlines()[-3:])[-300:]
-            if mode == "refuse":
-                r["refusal_line"] = next((ln.strip() for ln in (r.get("error", "") + "\n" + text).splitlines()
-                                          if "NotImplementedError" in ln and "bits=3" in ln), "")
+            r["refusal_line"] = next((ln.strip()[:300] for ln in text.splitlines() if REFUSAL_RE.search(ln)), "")
             engines[name] = r
-            print(f"{name}: rc={r['rc']} {r['seconds']} s", flush=True)
+            print(f"{name}: rc={r['rc']} {r['seconds']} s; {'; '.join(r['kernel_lines'])[:200]}", flush=True)
             tail = text.splitlines()[-300:]
             elog.write(f"===== {name} (last {len(tail)} lines) =====\n" + "\n".join(tail) + "\n")
+            elog.flush()
+            (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")  # partial, until the end
         for n in [int(x) for x in args.serve_gpus.split(",") if x]:
             from repack.synth import TinySpec
 
@@ -578,13 +639,13 @@ def run_engines(args, out: Path, pr: dict) -> dict:
             engines.setdefault("serve", {})[f"serve-{n}gpu"] = sv
             print(f"serve-{n}gpu: up={sv.get('up')} smoke rc={sv.get('smoke_rc')}", flush=True)
             elog.write(f"===== serve-{n}gpu =====\n{tail}\n")
-    return {"paths": paths, "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines}
+    return report
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         mode, spec, res = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
-        result = {"refuse": child_refuse, "generate": child_generate}[mode](spec)
+        result = {"generate": child_generate}[mode](spec)
         res.write_text(json.dumps(result))
         sys.exit(0)
     sys.exit(main())
