@@ -50,10 +50,32 @@ def _root(
     _debug["on"] = debug
 
 
-def _options(quant_method: Method, kv_b_float: bool, indexer_float: bool):
+class Target(str, Enum):
+    repack = "repack"
+    native = "native"
+
+
+def _options(quant_method: Method, kv_b_float: Optional[bool], indexer_float: bool, mtp_float: bool = True,
+             dense_attention: bool = False, target: Target = Target.repack):
     from repack.plan import Options
 
-    return Options(quant_method=quant_method.value, kv_b_float=kv_b_float, indexer_float=indexer_float)
+    if kv_b_float is None:
+        kv_b_float = target is Target.repack
+    return Options(quant_method=quant_method.value, kv_b_float=kv_b_float, indexer_float=indexer_float,
+                   mtp_float=mtp_float, dense_attention=dense_attention, target=target.value)
+
+
+_TARGET = typer.Option(Target.repack, "--target", help="repack: 2/3-bit modules become 4-bit GPTQ. native: keep them at "
+                       "their width for engines that serve 3-bit (vLLM >= 0.30) and rewrite only what a stock engine "
+                       "cannot load (float modules, per-module widths).")
+_KV_B = typer.Option(None, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 "
+                     "(vLLM 0.26 fix; default: on for --target repack, off for native).")
+_INDEXER = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32.")
+_MTP = typer.Option(True, "--mtp-float/--no-mtp-float", help="Emit the DeepSeek MTP layer's eh_proj, shared_head.head and "
+                    "embed_tokens as exact float32 (vLLM's deepseek_mtp builds them unquantized).")
+_DENSE = typer.Option(False, "--dense-attention", help="DeepSeek-V3.2: write a DeepSeek-V3 (dense MLA) config and leave the "
+                      "indexer out, for GPUs without a sparse-attention backend (sm < 90). Identical up to index_topk "
+                      "tokens of context, an approximation beyond.")
 
 
 @app.command()
@@ -61,8 +83,11 @@ def inspect(
     src: str = typer.Argument(..., help="Checkpoint folder (or hub repo id)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method"),
-    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float"),
-    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float"),
+    kv_b_float: Optional[bool] = _KV_B,
+    indexer_float: bool = _INDEXER,
+    mtp_float: bool = _MTP,
+    dense_attention: bool = _DENSE,
+    target: Target = _TARGET,
 ) -> None:
     """Show architecture, quantization, per-module widths (from shapes) and what convert would do."""
     from repack.checkpoint import open_checkpoint
@@ -70,7 +95,7 @@ def inspect(
     from repack.report import inspect_report
 
     ckpt = open_checkpoint(_local(src))
-    rep = inspect_report(ckpt, build_plan(ckpt, _options(quant_method, kv_b_float, indexer_float)))
+    rep = inspect_report(ckpt, build_plan(ckpt, _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)))
     if json_out:
         ui.print_json(rep)
         return
@@ -105,8 +130,11 @@ def convert(
     src: str = typer.Argument(..., help="3-bit checkpoint folder (or hub repo id org/name[@revision])."),
     dst: Path = typer.Argument(..., help="Output folder (created; resumable)."),
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
-    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
-    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
+    kv_b_float: Optional[bool] = _KV_B,
+    indexer_float: bool = _INDEXER,
+    mtp_float: bool = _MTP,
+    dense_attention: bool = _DENSE,
+    target: Target = _TARGET,
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16: 20 MiB each)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
     hashes: bool = typer.Option(True, "--hash/--no-hash", help="Record the sha256 of every source and output shard (default). --no-hash saves ~60% of the CPU where the CPU, not the disk, is the limit; verify still compares every byte."),
@@ -116,10 +144,10 @@ def convert(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the result to this hub repo (org/name) with a generated model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
-    """Convert every 2/3-bit symmetric module to 4-bit GPTQ; everything else byte-identical."""
+    """Convert every 2/3-bit symmetric module to 4-bit GPTQ (or, --target native, keep it); everything else byte-identical."""
     from repack.source import convert_source
 
-    options = _options(quant_method, kv_b_float, indexer_float)
+    options = _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)
     res = convert_source(src, dst, options, workers=workers, overwrite=overwrite,
                          delete_source_shards=delete_source_shards, revision=revision, hashes=hashes)
     _convert_summary(res, json_out and not push_to_hub)

@@ -298,6 +298,7 @@ def build_manifest(plan: Plan, finished: dict, extra: dict[str, str]) -> dict:
         "copied_files": [{"name": k, "sha256": v} for k, v in extra.items()],
         "counts": plan.counts(),
         "float_modules": plan.float_modules,
+        **plan.records,
         "total_size": sum(s.out_size for s in plan.shards),
     }
 
@@ -370,7 +371,7 @@ def _run_op(plan: Plan, op: TensorOp, reader: SeqReader, sink: Sink, progress: P
             return
         _stream_copy(reader, sink, t.nbytes, progress)
     elif op.op is Op.DROP:
-        if t.name.endswith(".qzeros"):
+        if t.name.endswith(".qzeros") and op.module is not None:
             data = reader.read(t.nbytes)
             check_sym_zeros(plan, op.module, np.frombuffer(data, dtype=np.int32).reshape(t.shape))
             progress(t.nbytes)

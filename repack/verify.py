@@ -89,7 +89,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: Progress 
         return Report(False, [Difference(str(mpath), None, None, "missing: the conversion is incomplete or DST is not a w3repack output")])
     try:
         manifest = json.loads(mpath.read_text())
-        options = Options(**manifest["options"])
+        options = Options.from_json(manifest["options"])
     except (ValueError, KeyError, TypeError) as e:
         return Report(False, [Difference(str(mpath), None, None, f"unreadable manifest ({e})")])
     plan = build_plan(ckpt, options)
@@ -163,6 +163,10 @@ def _check_metadata(plan: Plan, dst: Path, manifest: dict) -> list[Difference]:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest does not mark the conversion complete"))
     if manifest.get("fingerprint", {}).get("options") != plan.options.to_json():
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest options are inconsistent"))
+    if "target" in manifest.get("options", {}):
+        for key, want in plan.records.items():
+            if manifest.get(key) != json.loads(json.dumps(want)):
+                diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, f"manifest record {key} is inconsistent"))
     copied = {c.get("name"): c.get("sha256") for c in manifest.get("copied_files", []) if isinstance(c, dict)}
     for rel in plan.extra_files:
         p = dst / rel
