@@ -266,13 +266,16 @@ def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
         if parts:
             patterns.append(mtp_float_pattern(layer))
             mtp_float[layer] = parts
-    layer_widths = {}
+    style = options.quant_method
+    base = 4 if options.target == "repack" else None
+    base_bits = base or ckpt.quant_config.get("bits")
+    mtp_bits, layer_widths = {}, {}
     for layer in mtp:
         widths = {out_bits(m, options) for p, m in kept.items() if p not in float_modules and mtp_layer_of(p, mtp) == layer}
         if len(widths) == 1:
-            layer_widths[mtp_layer_pattern(layer)] = widths.pop()
-    style = options.quant_method
-    base = 4 if options.target == "repack" else None
+            mtp_bits[layer] = widths.pop()
+            if mtp_bits[layer] != base_bits:  # one rule for the layer: per-expert entries do not reach fused experts
+                layer_widths[mtp_layer_pattern(layer)] = mtp_bits[layer]
     new_qc = qconfig.rewrite(ckpt.quant_config, style, patterns, {}, base, layer_widths)
     odd = {}
     for p, m in kept.items():
@@ -293,7 +296,7 @@ def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
         records["mtp"] = {
             "layers": list(mtp),
             "float_modules": {str(k): v for k, v in mtp_float.items()},
-            "bits": {str(k): w for k, w in zip(mtp, (layer_widths.get(mtp_layer_pattern(i)) for i in mtp))},
+            "bits": {str(k): mtp_bits.get(k) for k in mtp},
         }
     if options.dense_attention:
         config, records["dense_attention"] = dense_config(config)

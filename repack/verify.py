@@ -161,7 +161,11 @@ def _check_metadata(plan: Plan, dst: Path, manifest: dict) -> list[Difference]:
         diffs.append(Difference(str(dst / INDEX_NAME), None, None, "present in output but the source has no index"))
     if manifest.get("complete") is not True:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest does not mark the conversion complete"))
-    if manifest.get("fingerprint", {}).get("options") != plan.options.to_json():
+    try:
+        fp_options = Options.from_json(manifest.get("fingerprint", {}).get("options"))
+    except TypeError:
+        fp_options = None
+    if fp_options != plan.options:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest options are inconsistent"))
     if "target" in manifest.get("options", {}):
         for key, want in plan.records.items():
