@@ -227,13 +227,20 @@ def run_child(spec: dict, log: Path, timeout: int) -> dict:
     return out
 
 
+GENERIC_ERRORS = ("Engine core initialization failed", "EngineCore failed", "EngineDeadError", "Worker failed")
+
+
 def error_line(text: str) -> str:
-    """The last exception line of a log (``SomeError: message``)."""
+    """The root exception line of a log (``SomeError: message``): the last one that is not vLLM's generic wrapper."""
     lines = [ln.strip() for ln in text.splitlines()]
-    for ln in reversed(lines):
+    found = []
+    for ln in lines:
         head = ln.split(":", 1)[0].split(" ")[-1]
-        if ":" in ln and (head.endswith(("Error", "Exception")) or head in ("KeyError", "AssertionError")):
-            return ln[:400]
+        if ":" in ln and head.endswith(("Error", "Exception")):
+            found.append(ln)
+    specific = [ln for ln in found if not any(g in ln for g in GENERIC_ERRORS)]
+    if specific or found:
+        return (specific or found)[-1][:400]
     return next((ln for ln in reversed(lines) if ln), "")[:400]
 
 

@@ -76,5 +76,7 @@ def test_engine_plan_and_error_line():
     assert names[:2] == ["mtp-w4", "mtp-w4-spec"] and len(names) == len(set(names))
     log = "INFO x\nTraceback (most recent call last):\n  File x\nKeyError: 'model.layers.2.eh_proj.qweight'\nINFO shutdown\n"
     assert gx.error_line(log) == "KeyError: 'model.layers.2.eh_proj.qweight'"
+    log += "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    assert gx.error_line(log) == "KeyError: 'model.layers.2.eh_proj.qweight'"
     pr = gx.prompts()
     assert len(pr["decode"]) == 8 and all(len(p) + 24 <= 64 for p in pr["short"].values())
