@@ -297,6 +297,8 @@ def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
             "layers": list(mtp),
             "float_modules": {str(k): v for k, v in mtp_float.items()},
             "bits": {str(k): mtp_bits.get(k) for k in mtp},
+            "bytes": {str(k): sum(o.out_nbytes for sp in shards for o in sp.ops
+                                  if o.out_name and mtp_layer_of(o.out_name, mtp) == k) for k in mtp},
         }
     if options.dense_attention:
         config, records["dense_attention"] = dense_config(config)

@@ -109,7 +109,9 @@ def test_mtp_float_modules_are_the_exact_dequantization(mtp_src, tmp_path):
         assert draw[t] == sraw[t]
     man = json.loads((dst / "w3repack.json").read_text())
     assert man["options"]["mtp_float"] is True and man["target"] == "repack"
-    assert man["mtp"] == {"layers": [2], "float_modules": {"2": ["eh_proj", "shared_head.head"]}, "bits": {"2": 4}}
+    mtp_bytes = sum(len(v) for k, v in draw.items() if k.startswith("model.layers.2."))
+    assert man["mtp"] == {"layers": [2], "float_modules": {"2": ["eh_proj", "shared_head.head"]}, "bits": {"2": 4},
+                          "bytes": {"2": mtp_bytes}}
     assert set(MTP_FLOAT) <= set(man["float_modules"])
     assert verify(mtp_src, dst).ok
 
