@@ -141,16 +141,25 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
         rows, plan_error = [], str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
     out = ["---", ModelCardData(**meta).to_yaml().rstrip(), "---", "", f"# {name}", ""]
-    out += [f"4-bit GPTQ repack of {origin}, made losslessly with w3repack {man.tool_version or __version__} "
-            f"so that stock vLLM serves it with its Marlin kernels (3-bit AutoRound checkpoints are refused there).", ""]
+    native = man.options.get("target") == "native"
+    if native:
+        out += [f"Fix-up of {origin} for engines that serve 3-bit weights natively (vLLM >= 0.30), made losslessly "
+                f"with w3repack {man.tool_version or __version__}: quantized modules keep their width and bytes; "
+                "only what a stock engine cannot load from the source was rewritten.", ""]
+    else:
+        out += [f"4-bit GPTQ repack of {origin}, made losslessly with w3repack {man.tool_version or __version__} "
+                f"so that stock vLLM serves it with its Marlin kernels (3-bit AutoRound checkpoints are refused there).", ""]
     if meta.get("base_model"):
         out += [f"Base model: `{meta['base_model'] if isinstance(meta['base_model'], str) else ', '.join(meta['base_model'])}`. "
                 f"Architecture: `{arch}`.", ""]
-    out += ["## What changed and why it is lossless", "",
+    out += ["## What changed and why it is lossless", ""]
+    out += (["Every quantized module is copied byte for byte at its own width; the config states the width of every "
+             "module that differs from its base `bits`."] if native else [
             "Every 3-bit (and 2-bit) symmetric weight code `q` was rewritten as `q + 4` (`q + 6`) at 4 bits, with the "
             "zero point moved from 4 (2) to 8 and the scales left byte-identical, so `scale * (q4 - 8) == scale * (q3 - 4)` "
             "for every weight: the dequantized model is bit-identical to the source. Modules already at 4 or 8 bits, and "
-            "every float tensor, are copied byte for byte.", "",
+            "every float tensor, are copied byte for byte."])
+    out += ["",
             "Quantization config: " + ", ".join(f"`{k}: {json.dumps(qc.get(k))}`" for k in ("quant_method", "bits", "group_size", "sym"))
             + ".", "",
             "| module class | count |", "|---|---|"]
@@ -158,7 +167,26 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     floats = man.float_modules
     if floats:
         out += ["", f"{len(floats)} modules (e.g. `{floats[0]}`) are stored as their exactly dequantized float32 weights "
-                "and marked unquantized, which avoids a vLLM MLA crash on long prompts with a quantized `kv_b_proj`."]
+                "and marked unquantized, where a stock engine loads them only as float (the MTP layer's `eh_proj` and "
+                "`shared_head.head`, the V3.2 indexer's `wk` / `weights_proj`) or crashes on long prompts with them "
+                "quantized (`kv_b_proj` in vLLM 0.26)."]
+    mtp = man.records.get("mtp")
+    if mtp:
+        out += ["", f"Multi-token prediction: MTP layer(s) {', '.join(map(str, mtp['layers']))} kept, for speculative "
+                "decoding in vLLM (`--speculative-config '{\"method\": \"deepseek_mtp\", \"num_speculative_tokens\": 1}'`); "
+                "the full model checks every drafted token. Quantized width of the MTP modules: "
+                + ", ".join(f"layer {k}: {v}-bit" for k, v in (mtp.get("bits") or {}).items() if v) + "."]
+    dense = man.records.get("dense_attention")
+    if dense:
+        removed = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in dense["removed_config_keys"].items())
+        out += ["", "### Dense attention instead of DeepSeek-V3.2 sparse attention", "",
+                f"`config.json` says `{dense['architectures']['to'][0]}` / `{dense['model_type']['to']}` instead of "
+                f"`{dense['architectures']['from'][0]}` / `{dense['model_type']['from']}`, without {removed}, and the "
+                f"{dense['dropped_tensors']} indexer tensors are left out, so engines without a sparse-attention backend "
+                "(GPUs below sm90) serve it with dense MLA attention. The model computes exactly what DeepSeek-V3.2 "
+                f"computes for a context of up to {dense['index_topk']:,} tokens (`index_topk`: the indexer then selects "
+                f"every past token); beyond {dense['index_topk']:,} tokens it attends to every past token instead of the "
+                f"{dense['index_topk']:,} the indexer would select, an approximation of the original model."]
     out += ["", "### Verification", ""]
     verify_report = verify_report or man.verify
     if verify_report:

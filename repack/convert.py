@@ -163,6 +163,7 @@ def build_manifest(plan: Plan, out: Output, fp: dict, copied: list[FileRecord]) 
         float_modules=plan.float_modules,
         total_size=plan.out_shard_bytes,
         shard_hashes=all(h.sha256 and h.source_sha256 for h in done.values()),
+        records=dict(plan.records),
     )
 
 

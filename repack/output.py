@@ -52,6 +52,10 @@ class ShardHashes:
     source_sha256: str | None
 
 
+_KEYS = {"tool", "tool_version", "complete", "shard_hashes", "fingerprint", "options", "source", "output_shards",
+         "copied_files", "counts", "float_modules", "total_size", "verify"}
+
+
 class ManifestError(UserError):
     """``w3repack.json`` exists but cannot be read as a manifest."""
 
@@ -84,6 +88,7 @@ class Manifest:
     verify: dict | None = None
     complete: bool = True
     tool_version: str = __version__
+    records: dict[str, Any] = field(default_factory=dict)  # what the plan records besides (plan.records)
 
     def to_json(self) -> dict:
         source: dict[str, Any] = {"path": self.source_path, "files": [f.to_json() for f in self.source_files]}
@@ -101,6 +106,7 @@ class Manifest:
             "copied_files": [f.to_json() for f in self.copied_files],
             "counts": self.counts,
             "float_modules": self.float_modules,
+            **self.records,
             "total_size": self.total_size,
         }
         if self.verify is not None:
@@ -129,6 +135,7 @@ class Manifest:
             verify=obj["verify"] if isinstance(obj.get("verify"), dict) else None,
             complete=obj.get("complete") is True,
             tool_version=str(obj.get("tool_version", "")),
+            records={k: v for k, v in obj.items() if k not in _KEYS},
         )
 
     @classmethod

@@ -14,22 +14,30 @@ import re
 CONVERTED_BITS = (2, 3)
 
 
-def rewrite(qc: dict, style: str, float_patterns: list[str], extra_widths: dict[str, int]) -> dict:
+def rewrite(qc: dict, style: str, float_patterns: list[str], extra_widths: dict[str, int], base_bits: int | None = 4,
+            layer_widths: dict[str, int] | None = None) -> dict:
     """New quantization config.
 
     ``float_patterns``: regexes of modules the converter emits as float weights.
-    ``extra_widths``: exact module names whose output width differs from 4 and that no override covers.
+    ``extra_widths``: exact module names whose output width differs from the base and that no override covers.
+    ``base_bits``: the new base width (None: keep the source's bits and overrides, the native 3-bit target).
+    ``layer_widths``: regexes (whole layers, e.g. MTP) with the width every quantized module in them has; they
+    follow the float patterns, so a float rule wins where both match (vLLM takes the first matching regex).
     """
+    layer_widths = layer_widths or {}
     if style == "auto-round":
         out = copy.deepcopy(qc)
-        out["bits"] = 4
         extra = out.get("extra_config")
         extra = dict(extra) if isinstance(extra, dict) else {}
-        for key, val in list(extra.items()):
-            if isinstance(val, dict) and val.get("bits") in CONVERTED_BITS:
-                extra[key] = {**val, "bits": 4}
+        if base_bits is not None:
+            out["bits"] = base_bits
+            for key, val in list(extra.items()):
+                if isinstance(val, dict) and val.get("bits") in CONVERTED_BITS:
+                    extra[key] = {**val, "bits": base_bits}
         for pat in float_patterns:
             extra[pat] = {"bits": 16, "data_type": "float"}
+        for pat, bits in layer_widths.items():
+            extra[pat] = {"bits": bits}
         for name, bits in extra_widths.items():
             extra[name] = {"bits": bits}
         if extra or "extra_config" in out:
@@ -52,6 +60,8 @@ def rewrite(qc: dict, style: str, float_patterns: list[str], extra_widths: dict[
                 dynamic["-:" + _as_regex(key)] = {}
         for pat in float_patterns:
             dynamic["-:" + pat] = {}
+        for pat, bits in layer_widths.items():
+            dynamic["+:" + pat] = {"bits": bits}
         for name, bits in extra_widths.items():
             dynamic["+:" + re.escape(name) + "$"] = {"bits": bits}
         if dynamic:

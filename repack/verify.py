@@ -70,7 +70,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
         manifest = Manifest.load(dst)
         if manifest is None:
             return _refused(mpath, "missing: the conversion is incomplete or DST is not a w3repack output")
-        options = Options(**manifest.options)
+        options = Options.from_json(manifest.options)
     except (ManifestError, TypeError) as e:
         why = str(e).split("unreadable manifest ", 1)[-1] if isinstance(e, ManifestError) else f"({e})"
         return _refused(mpath, f"unreadable manifest {why}")
@@ -146,8 +146,17 @@ def _check_metadata(plan: Plan, dst: Path, manifest: Manifest) -> list[Differenc
         diffs.append(Difference(str(dst / INDEX_NAME), None, None, "present in output but the source has no index"))
     if not manifest.complete:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest does not mark the conversion complete"))
-    if manifest.fingerprint.get("options") != plan.options.to_json():
+    recorded = manifest.fingerprint.get("options")
+    try:
+        fp_options = Options.from_json(recorded) if isinstance(recorded, dict) else None
+    except TypeError:
+        fp_options = None
+    if fp_options != plan.options:
         diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, "manifest options are inconsistent"))
+    if "target" in manifest.options:
+        for key, want in plan.records.items():
+            if manifest.records.get(key) != json.loads(json.dumps(want)):
+                diffs.append(Difference(str(dst / MANIFEST_NAME), None, None, f"manifest record {key} is inconsistent"))
     copied = {c.name: c.sha256 for c in manifest.copied_files}
     for rel in plan.extra_files:
         p = dst / rel

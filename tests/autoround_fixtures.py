@@ -205,6 +205,7 @@ def build_fixture(
     opt_rtn: bool = False,
     layer_config: dict | None = None,
     quant_lm_head: bool = False,
+    mtp: bool = False,
 ) -> Path:
     """Quantize a tiny random ``family`` model with AutoRound RTN into ``out_dir``; returns ``out_dir``.
 
@@ -213,6 +214,9 @@ def build_fixture(
     ``opt_rtn=False`` passes ``disable_opt_rtn=True`` (plain RTN; 0.16.1 otherwise turns on its
     "optimized RTN" scale search for the non-MoE blocks).  ``layer_config`` is AutoRound's per-layer
     override dict (e.g. ``{"model.layers.0.mlp.down_proj": {"bits": 4}}`` for a mixed-width export).
+    ``mtp=True`` (deepseek_v3): the float model is saved with a DeepSeek-V3 MTP layer (``model.layers.L.*``,
+    ``num_nextn_predict_layers: 1``) and AutoRound quantizes it from that folder; transformers does not load the
+    MTP layer, and AutoRound copies it from the source folder and quantizes it by RTN at its own width.
     """
     _offline_env()
     import torch
@@ -243,8 +247,11 @@ def build_fixture(
     staging = out_dir / "_autoround_out"
     if staging.exists():
         shutil.rmtree(staging)
+    source = model
+    if mtp:
+        source = str(_save_with_mtp(model, tokenizer, out_dir / "_float_with_mtp", seed))
     with torch.random.fork_rng(devices=[]):
-        ar = AutoRound(model, tokenizer, **kwargs)
+        ar = AutoRound(source, tokenizer, **kwargs) if not mtp else AutoRound(source, **kwargs)
         # 0.16.1 appends a sub folder ("w3g128", or "<name>-w3g128" for a model with a name_or_path)
         # to output_dir; the real folder is returned.
         _, folders = ar.quantize_and_save(str(staging), format="auto_round:auto_gptq")
@@ -252,10 +259,41 @@ def build_fixture(
     for f in folder.iterdir():
         os.replace(f, out_dir / f.name)
     shutil.rmtree(staging)
+    if mtp:
+        shutil.rmtree(out_dir / "_float_with_mtp")
     qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     if qc.get("packing_format") != "auto_round:auto_gptq" or qc.get("bits") != bits:
         raise RuntimeError(f"AutoRound wrote an unexpected quantization_config: {qc}")
     return out_dir
+
+
+def _save_with_mtp(model, tokenizer, folder: Path, seed: int) -> Path:
+    """``model`` saved to ``folder`` plus MTP layer ``L = num_hidden_layers``: a perturbed copy of the last layer,
+    ``eh_proj``, ``enorm``, ``hnorm``, ``shared_head.{norm,head}`` and ``embed_tokens`` (DeepSeek-V3's names)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one safetensors file in {folder}, found {len(files)}")
+    sd = load_file(str(files[0]))
+    n, h = model.config.num_hidden_layers, model.config.hidden_size
+    gen = torch.Generator().manual_seed(seed + 7)
+    for k in [k for k in sd if k.startswith(f"model.layers.{n - 1}.")]:
+        v = sd[k]
+        sd[k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = v + 0.01 * torch.randn(v.shape, generator=gen)
+    sd[f"model.layers.{n}.eh_proj.weight"] = 0.02 * torch.randn(h, 2 * h, generator=gen)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        sd[f"model.layers.{n}.{name}.weight"] = 1 + 0.1 * torch.randn(h, generator=gen)
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(files[0]), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------

@@ -365,3 +365,51 @@ def test_wrong_conversion_is_detected(autoround_fixture, autoround_converted, tm
         wrong = arf.load_logits(bad, dtype, ids)
         with pytest.raises(AssertionError, match="not bitwise equal"):
             assert_bitwise_equal(wrong, ref, f"logits of a q3+3 conversion ({scope}, {dtype})")
+
+
+# ---------------------------------------------------------------- DeepSeek MTP layer, as AutoRound exports it
+
+
+def test_autoround_mtp_layer_is_4bit_and_converts_to_what_vllm_loads(autoround_fixture, tmp_path):
+    """AutoRound 0.16.1 copies the MTP layer (which transformers does not load) from the source folder and
+    quantizes every 2-D weight in it by RTN at 4 bits under ``bits: 3`` (3 is "unsupported" there), including
+    ``eh_proj``, ``embed_tokens`` and ``shared_head.head``; the router stays float."""
+    import subprocess
+
+    import numpy as np
+
+    from tests.helpers import decode_bigint, floats, read_dir
+
+    src = autoround_fixture("deepseek_v3", 32, mtp=True)
+    qc = arf.read_quant_config(src)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    tensors = arf.read_checkpoint(src)
+    mods = {m: d for m, d in arf.quantized_modules(tensors).items() if m.startswith(f"model.layers.{layers}.")}
+    assert qc["bits"] == 3 and {arf.module_bits(d) for d in mods.values()} == {4}
+    p = f"model.layers.{layers}"
+    assert {f"{p}.eh_proj", f"{p}.embed_tokens", f"{p}.shared_head.head", f"{p}.mlp.experts.0.up_proj"} <= set(mods)
+    assert f"{p}.mlp.gate.weight" in tensors and f"{p}.enorm.weight" in tensors
+    for target in ("repack", "native"):
+        dst = tmp_path / target
+        r = subprocess.run([sys.executable, "-m", "repack", "convert", str(src), str(dst), "--target", target],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert subprocess.run([sys.executable, "-m", "repack", "verify", str(src), str(dst)]).returncode == 0
+        sh, sraw = read_dir(src)
+        dh, draw = read_dir(dst)
+        for m in ("eh_proj", "embed_tokens", "shared_head.head"):
+            name = f"{p}.{m}"
+            assert f"{name}.qweight" not in dh and dh[f"{name}.weight"]["dtype"] == "F32"
+            q = decode_bigint(sraw[f"{name}.qweight"], sh[f"{name}.qweight"]["shape"], 4)
+            s = floats(sraw[f"{name}.scales"], sh[f"{name}.scales"]["dtype"]).reshape(sh[f"{name}.scales"]["shape"])
+            want = ((q - 8) * s[np.arange(q.shape[0]) // 32]).T
+            got = np.frombuffer(draw[f"{name}.weight"], "<f4").reshape(dh[f"{name}.weight"]["shape"])
+            assert np.array_equal(got.astype(np.float64), want), name
+        out_qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+        extra = out_qc["extra_config"]
+        assert extra[rf"model\.layers\.{layers}\.(eh_proj|shared_head\.head|head|embed_tokens)$"] == {"bits": 16, "data_type": "float"}
+        if target == "native":
+            assert out_qc["bits"] == 3 and extra[rf"model\.layers\.{layers}\."] == {"bits": 4}
+            assert draw[f"{p}.mlp.experts.0.up_proj.qweight"] == sraw[f"{p}.mlp.experts.0.up_proj.qweight"]
+        else:
+            assert out_qc["bits"] == 4 and rf"model\.layers\.{layers}\." not in extra

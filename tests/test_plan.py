@@ -52,7 +52,7 @@ def test_sizes_index_and_determinism(traps_ckpt):
 
 
 def test_float_options_off_means_no_dequant(traps_ckpt):
-    plan = build_plan(open_checkpoint(traps_ckpt), Options(kv_b_float=False, indexer_float=False))
+    plan = build_plan(open_checkpoint(traps_ckpt), Options(kv_b_float=False, indexer_float=False, mtp_float=False))
     assert not plan.float_modules
     assert all(o.op not in (Op.DEQUANT, Op.DROP) for s in plan.shards for o in s.ops)
     assert "dequantized to float32" not in plan.counts()

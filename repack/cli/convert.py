@@ -18,10 +18,33 @@ class Method(str, Enum):
     gptq = "gptq"
 
 
-def _options(quant_method: Method, kv_b_float: bool, indexer_float: bool):
+class Target(str, Enum):
+    repack = "repack"
+    native = "native"
+
+
+def _options(quant_method: Method, kv_b_float: Optional[bool], indexer_float: bool, mtp_float: bool = True,
+             dense_attention: bool = False, target: Target = Target.repack):
+    """``kv_b_float`` None: on for the repack target, off for native."""
     from repack.plan import Options
 
-    return Options(quant_method=quant_method.value, kv_b_float=kv_b_float, indexer_float=indexer_float)
+    if kv_b_float is None:
+        kv_b_float = target is Target.repack
+    return Options(quant_method=quant_method.value, kv_b_float=kv_b_float, indexer_float=indexer_float,
+                   mtp_float=mtp_float, dense_attention=dense_attention, target=target.value)
+
+
+_TARGET = typer.Option(Target.repack, "--target", help="repack: 2/3-bit modules become 4-bit GPTQ. native: keep them at "
+                       "their width for engines that serve 3-bit (vLLM >= 0.30) and rewrite only what a stock engine "
+                       "cannot load (float modules, per-module widths).")
+_KV_B = typer.Option(None, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 "
+                     "(vLLM 0.26 fix; default: on for --target repack, off for native).")
+_INDEXER = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32.")
+_MTP = typer.Option(True, "--mtp-float/--no-mtp-float", help="Emit the DeepSeek MTP layer's eh_proj, shared_head.head and "
+                    "embed_tokens as exact float32 (vLLM's deepseek_mtp builds them unquantized).")
+_DENSE = typer.Option(False, "--dense-attention", help="DeepSeek-V3.2: write a DeepSeek-V3 (dense MLA) config and leave the "
+                      "indexer out, for GPUs without a sparse-attention backend (sm < 90). Identical up to index_topk "
+                      "tokens of context, an approximation beyond.")
 
 
 def _progress(enabled: bool | None = None):
@@ -32,8 +55,11 @@ def inspect(
     src: str = typer.Argument(..., help="Checkpoint folder (or hub repo id)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method"),
-    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float"),
-    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float"),
+    kv_b_float: Optional[bool] = _KV_B,
+    indexer_float: bool = _INDEXER,
+    mtp_float: bool = _MTP,
+    dense_attention: bool = _DENSE,
+    target: Target = _TARGET,
 ) -> None:
     """Show architecture, quantization, per-module widths (from shapes) and what convert would do."""
     from repack.checkpoint import open_checkpoint
@@ -42,15 +68,19 @@ def inspect(
     from repack.sources import resolve_local
 
     ckpt = open_checkpoint(resolve_local(src))
-    _output.inspect(inspect_report(ckpt, build_plan(ckpt, _options(quant_method, kv_b_float, indexer_float))), json_out)
+    options = _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)
+    _output.inspect(inspect_report(ckpt, build_plan(ckpt, options)), json_out)
 
 
 def convert(
     src: str = typer.Argument(..., help="3-bit checkpoint folder (or hub repo id org/name[@revision])."),
     dst: Path = typer.Argument(..., help="Output folder (created; resumable)."),
     quant_method: Method = typer.Option(Method.auto_round, "--quant-method", help="Config style of the output."),
-    kv_b_float: bool = typer.Option(True, "--kv-b-float/--no-kv-b-float", help="Emit DeepSeek MLA kv_b_proj as exact float32 (vLLM fix)."),
-    indexer_float: bool = typer.Option(True, "--indexer-float/--no-indexer-float", help="Emit V3.2 indexer wk/weights_proj as exact float32."),
+    kv_b_float: Optional[bool] = _KV_B,
+    indexer_float: bool = _INDEXER,
+    mtp_float: bool = _MTP,
+    dense_attention: bool = _DENSE,
+    target: Target = _TARGET,
     workers: Optional[int] = typer.Option(
         None, "--workers", "-j", min=1, max=16, help="Shards in flight (default: one per CPU core, at least 2, at most 16: 20 MiB each)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever DST holds."),
@@ -64,14 +94,15 @@ def convert(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the result to this hub repo (org/name) with a generated model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
-    """Convert every 2/3-bit symmetric module to 4-bit GPTQ; everything else byte-identical."""
+    """Convert every 2/3-bit symmetric module to 4-bit GPTQ (or, --target native, keep it); everything else byte-identical."""
     from repack.convert import convert as run_convert
     from repack.run import RunConfig
     from repack.sources import open_source
 
     source = open_source(src, revision, delete_source_shards)
     run = RunConfig(workers=workers, overwrite=overwrite, hashes=hashes, progress=_progress())
-    res = run_convert(source, dst, _options(quant_method, kv_b_float, indexer_float), run)
+    options = _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)
+    res = run_convert(source, dst, options, run)
     _output.converted(res, json_out and not push_to_hub)
     if push_to_hub:
         from repack.push import push_converted
