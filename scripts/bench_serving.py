@@ -245,7 +245,7 @@ def table(report: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/w3bench"))
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--layers", type=int, default=4)
@@ -262,6 +262,8 @@ def main() -> int:
     if args.child:
         Path(args.child[1]).write_text(json.dumps(child(json.loads(args.child[0]))))
         return 0
+    if args.out is None:
+        ap.error("--out is required")
     start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
