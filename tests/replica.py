@@ -103,3 +103,92 @@ def hand_weights_per_gpu(tp):
     total += DENSE * 3 * q4(h, DENSE_I) / tp
     total += (LAYERS - DENSE) * ((EXPERTS + 1) * 3 * q4(h, MOE_I) / tp + EXPERTS * h * 2 + EXPERTS * 4)
     return total
+
+
+# ---- the 3-bit source itself, as AutoRound exports it: every linear at 3 bits (kv_b_proj and the indexer's wk /
+# weights_proj too), the MTP layer (61) at 4 bits under a `bits: 3` config, embed_tokens of the MTP layer quantized.
+
+SOURCE_PLACEHOLDER = "/models/DeepSeek-V3.2-REAP-345B-W3A16"
+
+
+def quant_b(prefix, k, n, bits):
+    return [(f"{prefix}.qweight", "I32", [k * bits // 32, n]), (f"{prefix}.qzeros", "I32", [k // 128, n * bits // 32]),
+            (f"{prefix}.scales", "F16", [k // 128, n])]
+
+
+def source_layer_tensors(layer):
+    b = 4 if layer == LAYERS else 3
+    out = []
+    for name, dtype, shape in layer_tensors(layer):
+        module, _, part = name.rpartition(".")
+        if part == "qweight":
+            k, n = shape[0] * 8, shape[1]
+            out += quant_b(module, k, n, b)
+        elif part in ("qzeros", "scales"):
+            continue
+        elif name.endswith(("kv_b_proj.weight", "indexer.wk.weight", "indexer.weights_proj.weight")):
+            n, k = shape
+            out += quant_b(module, k, n, b)
+        elif name.endswith(f"layers.{LAYERS}.embed_tokens.weight"):
+            out += quant_b(module, HIDDEN, VOCAB, b)
+        else:
+            out.append((name, dtype, shape))
+    return out
+
+
+def write_source_replica(root):
+    """The 3-bit source: real headers, sparse data; the config AutoRound writes (base bits 3)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {"model-00000.safetensors": [("model.embed_tokens.weight", "BF16", [VOCAB, HIDDEN]),
+                                          ("model.norm.weight", "BF16", [HIDDEN]), ("lm_head.weight", "BF16", [VOCAB, HIDDEN])]}
+    for layer in range(LAYERS + 1):
+        shards[f"model-{layer + 1:05d}.safetensors"] = source_layer_tensors(layer)
+    wm = {}
+    for name, tensors in shards.items():
+        write_sparse(root / name, tensors)
+        wm.update({t[0]: name for t in tensors})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    cfg = _config()
+    cfg["quantization_config"] = {
+        "quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 3, "group_size": 128,
+        "sym": True, "data_type": "int", "autoround_version": "0.9.4", "block_name_to_quantize": "model.layers",
+        "extra_config": {f"model.layers.{i}.mlp.gate": {"bits": 16, "data_type": "float"} for i in range(DENSE, LAYERS + 1)}}
+    (root / "config.json").write_text(json.dumps(cfg, indent=1))
+    return root
+
+
+def _config():
+    return {
+        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS, "num_nextn_predict_layers": 1, "n_routed_experts": EXPERTS, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "moe_intermediate_size": MOE_I, "first_k_dense_replace": DENSE,
+        "intermediate_size": DENSE_I, "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_rope_head_dim": ROPE,
+        "qk_nope_head_dim": NOPE, "v_head_dim": V, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+        "vocab_size": VOCAB, "max_position_embeddings": 163840, "torch_dtype": "bfloat16",
+        "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048}
+
+
+def qb(k, n, bits):
+    """Bytes vLLM holds for a ``bits``-bit GPTQ linear [N=n, K=k], group 128: codes, fp16 scales, packed zeros."""
+    return k * n * bits // 8 + (k // 128) * n * 2 + (k // 128) * (n * bits // 32) * 4
+
+
+def hand_native_weights_per_gpu(tp, dense=True):
+    """Per-GPU bytes of the native 3-bit path at TP ``tp`` (no MTP layer: vLLM loads it only for speculation).
+
+    From docs/formats.md §3-4, without the planner's code: every linear 3-bit as stored except ``kv_b_proj``, which
+    vLLM additionally holds dequantized in bf16 (MLA weight absorption); ``dense``: the indexer is left out
+    (``--dense-attention``), else its wq_b stays 3-bit and wk / weights_proj become bf16 (``--target native``)."""
+    h = HIDDEN
+    total = 2 * (VOCAB * h * 2) / tp + h * 2
+    per_layer = (2 * h + Q_LORA + KV_LORA) * 2
+    per_layer += qb(h, Q_LORA, 3) + qb(h, KV_LORA + ROPE, 3)
+    per_layer += (qb(Q_LORA, HEADS * (NOPE + ROPE), 3) + qb(HEADS * V, h, 3)) / tp
+    per_layer += (qb(KV_LORA, HEADS * (NOPE + V), 3) + HEADS * (NOPE + V) * KV_LORA * 2) / tp
+    if not dense:
+        per_layer += qb(Q_LORA, IDX_HEADS * IDX_DIM, 3) + (IDX_DIM + IDX_HEADS) * h * 2 + 2 * IDX_DIM * 2
+    total += LAYERS * per_layer
+    total += DENSE * 3 * qb(h, DENSE_I, 3) / tp
+    total += (LAYERS - DENSE) * ((EXPERTS + 1) * 3 * qb(h, MOE_I, 3) / tp + EXPERTS * h * 2 + EXPERTS * 4)
+    return total

@@ -19,9 +19,10 @@ import pytest
 
 from repack import synth
 from repack.convert import convert
+from repack.errors import UserError
 from repack.plan import Options
 from repack.run import RunConfig
-from repack.serve import launcher, planner, recipes, smoke
+from repack.serve import launcher, paths, planner, recipes, smoke
 from tests.helpers import w3repack as run
 from tests.replica import PLACEHOLDER, hand_weights_per_gpu, q4, quant, write_replica, write_sparse
 
@@ -170,8 +171,15 @@ def test_version_flags(replica):
     assert launcher.version_flags("0.26.0", m, sm86).args == []
     assert launcher.version_flags("0.30.1rc2", m, sm86).args == []
     f = launcher.version_flags("0.30.0", m, sm90)
-    assert f.args == ["--moe-backend", "marlin"] and f.min_version == "0.30"
-    assert launcher.version_flags("0.26.0+cu128", m, sm90).notes
+    # no backend forced: vLLM's own sm90 choice (Humming) measured no slower than the native path
+    assert f.args == [] and f.min_version == "0.17"
+    assert any("--moe-backend marlin" in n for n in f.notes)
+    assert not launcher.version_flags("0.26.0+cu128", m, sm90).notes
+    assert launcher.version_flags("0.33.0", m, sm86, paths.NATIVE).min_version == "0.30.0"
+    with pytest.raises(UserError, match="refuses 3-bit checkpoints"):
+        launcher.version_flags("0.29.1", m, sm86, paths.NATIVE)
+    with pytest.raises(UserError, match="expected a version"):
+        launcher.version_flags("latest", m, sm86)
 
 
 def _launch(replica, out, *args):

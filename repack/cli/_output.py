@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from repack.convert import Result
     from repack.demo import DemoResult
     from repack.report import InspectReport
+    from repack.serve.paths import PathsReport, ServingPath
+    from repack.serve.sglang import SglangLaunch
     from repack.serve.smoke import Report as SmokeReport
     from repack.verify import Report
 
@@ -107,6 +109,42 @@ def demo(d: DemoResult, json_out: bool) -> None:
 # --- serving ----------------------------------------------------------------------------------------------
 
 
+def paths_plan(report: PathsReport, json_out: bool) -> None:
+    """Both serving paths side by side, then the recommended path's memory plan in full."""
+    if json_out:
+        ui.print_json(report.to_json())
+        return
+    o = ui.out
+    if len(report.paths) > 1:
+        o.print(f"[bold]serving paths[/] (source widths: {', '.join(f'{b}-bit' for b in report.source_bits)})")
+        rows = [("", *[p.name for p in report.paths]),
+                ("weights per GPU", *[f"{p.plan['weights_gib_per_gpu']:.2f} GiB" for p in report.paths]),
+                ("fits", *["yes" if p.fits else "NO" for p in report.paths]),
+                ("max context", *[str(p.plan["max_model_len"]) for p in report.paths]),
+                ("vLLM", *[f">= {p.min_vllm_version}" + ("" if p.runnable else " (not here)") for p in report.paths]),
+                ("kernel", *[p.kernel for p in report.paths]),
+                ("measured decode", *[_speed(p) for p in report.paths]),
+                ("prepare", *[p.prepare[0] if p.prepare else "nothing" for p in report.paths])]
+        for r in rows:
+            o.print(f"  {r[0]:<17}" + "".join(f"{c:<52}" for c in r[1:]), markup=False)
+        for p in report.paths:
+            for c in p.tp_checks:
+                if not c.ok:
+                    o.print(f"  [red]{p.name}: {c.what}[/]: {c.detail}")
+            if not p.runnable:
+                o.print(f"  {p.name}: cannot run: {p.why_not}", markup=False)
+    o.print(f"  recommended       [bold]{report.recommended}[/]: {report.reason}")
+    o.print("")
+    memory_plan(report.path(report.recommended).plan, False)
+
+
+def _speed(p: ServingPath) -> str:
+    m = p.measured
+    if m is None:
+        return "baseline" if p.name == "native-3bit" else "not measured here"
+    return f"{m.decode_geomean:.2f}x native ({m.gpu_family}, TP {m.tp}, vLLM {m.vllm})"
+
+
 def memory_plan(p: dict, json_out: bool) -> None:
     if json_out:
         ui.print_json(p)
@@ -135,15 +173,21 @@ def memory_plan(p: dict, json_out: bool) -> None:
     o.print("  vllm serve MODEL " + " ".join(p["vllm_args"]), markup=False)
 
 
-def plan_warnings(p: dict) -> None:
-    for w in p["warnings"]:
+def warnings(lines: list[str]) -> None:
+    for w in lines:
         ui.err.print(f"warning: {w}", markup=False)
 
 
-def launcher_written(output: object, p: dict, vllm_version: str, nodes: int) -> None:
-    ui.out.print(f"wrote {output}: {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {vllm_version}"
+def launcher_written(output: object, p: dict, vllm_version: str, nodes: int, path: str, notes: list[str]) -> None:
+    ui.out.print(f"wrote {output}: {path} path, {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {vllm_version}"
                  + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else ""), markup=False)
-    plan_warnings(p)
+    warnings(p["warnings"] + notes)
+
+
+def sglang_written(output: object, launch: SglangLaunch) -> None:
+    ui.out.print(f"wrote {output}: SGLang {launch.version}, {launch.tp} GPUs, context {launch.memory.context_length}",
+                 markup=False)
+    warnings(launch.warnings)
 
 
 def serve_command(env: dict[str, str], argv: list[str]) -> None:

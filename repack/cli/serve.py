@@ -17,19 +17,30 @@ class KvDtype(str, Enum):
     fp8 = "fp8"
 
 
-def _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes=1, cpu_offload_gb=None):
+class PathChoice(str, Enum):
+    auto = "auto"
+    native = "native"
+    repacked = "repacked"
+
+
+class Engine(str, Enum):
+    vllm = "vllm"
+    sglang = "sglang"
+
+
+class DenseContext(str, Enum):
+    warn = "warn"
+    cap = "cap"
+
+
+def _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes=1,
+                   cpu_offload_gb=None, speculative=0, extra=None, dense_context=DenseContext.warn):
     from repack.serve.launcher import prepare
     from repack.sources import resolve_local
 
     return prepare(str(resolve_local(model)), gpus, gpu_memory, compute_capability, max_model_len,
-                   kv_cache_dtype.value if kv_cache_dtype else None, util, recipe, nodes, cpu_offload_gb)
-
-
-def _refuse_unfit(p: dict, force: bool) -> None:
-    if p["fits"] or force:
-        return
-    alts = "; ".join(f"{a['description']} (max context {a['max_model_len']})" for a in p["alternatives"][:4])
-    raise UserError(f"the plan does not fit: {p['reason']}" + (f". Alternatives: {alts}" if alts else "") + " (--force writes it anyway)")
+                   kv_cache_dtype.value if kv_cache_dtype else None, util, recipe, nodes, cpu_offload_gb,
+                   speculative=speculative, extra_args=list(extra or []), dense_context=dense_context.value)
 
 
 _GPUS = typer.Option(None, "--gpus", min=1, help="GPUs per node (tensor parallel size). Default: nvidia-smi, else 8.")
@@ -40,66 +51,105 @@ _KV = typer.Option(None, "--kv-cache-dtype", help="auto (model dtype) or fp8 (sm
 _UTIL = typer.Option(None, "--gpu-memory-utilization", help="Share of each GPU vLLM may use (default 0.90).")
 _RECIPE = typer.Option(None, "--recipe", help="Fill options from a recipe (see `w3repack recipes`).")
 _OFFLOAD = typer.Option(None, "--cpu-offload-gb", min=0, help="GiB of weights per GPU kept in host RAM.")
+_SPEC = typer.Option(0, "--speculative", min=0, help="DeepSeek MTP speculative decoding with N draft tokens (needs the MTP layer).")
+_PATH = typer.Option(PathChoice.auto, "--path", help="auto (the recommended path), native (3-bit, vLLM >= 0.30) or repacked (4-bit).")
+_VLLM = typer.Option(None, "--vllm-version", help="Choose and check flags for this vLLM (default: installed, else 0.33.0).")
+_DENSE = typer.Option(DenseContext.warn, "--dense-context",
+                      help="For a --dense-attention model: cap the context at index_topk (exact) or warn beyond it.")
+_EXTRA = typer.Argument(None, help="Arguments passed to the engine as they are, after --, e.g. -- --port 9000.")
 
 
 def plan_cmd(
-    model: str = typer.Argument(..., help="Converted checkpoint folder (headers only are read)."),
+    model: str = typer.Argument(..., help="Checkpoint folder, 3-bit source or converted (headers only are read)."),
     gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
     nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes (pipeline parallel size)."),
+    speculative: int = _SPEC, vllm_version: Optional[str] = _VLLM,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Plan GPU memory for vLLM: weights per GPU, KV cache per token, max context, warnings, alternatives."""
-    from repack.serve import planner
+    """Plan GPU memory for vLLM: both serving paths of a 3-bit source side by side, and the one to take."""
+    from repack.serve import launcher, paths
 
-    m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes, cpu_offload_gb)
-    _output.memory_plan(planner.plan(m, req), json_out)
+    m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
+                               nodes, cpu_offload_gb, speculative)
+    version = vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM
+    _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version))), json_out)
 
 
 def launch(
-    model: str = typer.Argument(..., help="Converted checkpoint folder (same path on every node)."),
+    model: str = typer.Argument(..., help="Checkpoint folder (same path on every node)."),
+    extra: Optional[list[str]] = _EXTRA,
     output: Path = typer.Option(..., "-o", "--output", help="Script to write (e.g. serve.sh)."),
     gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
-    vllm_version: Optional[str] = typer.Option(None, "--vllm-version", help="Choose flags for this vLLM (default: installed, else 0.26.0)."),
+    vllm_version: Optional[str] = _VLLM, path: PathChoice = _PATH, speculative: int = _SPEC,
+    engine: Engine = typer.Option(Engine.vllm, "--engine", help="vllm, or sglang (4-bit only)."),
+    sglang_version: Optional[str] = typer.Option(None, "--sglang-version", help="SGLang the flags are for (default: installed)."),
+    dense_context: DenseContext = _DENSE,
     nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes: >1 writes the Ray multi-node variant (PP = nodes)."),
     force: bool = typer.Option(False, "--force", help="Write the script even if the plan does not fit."),
 ) -> None:
-    """Write an executable bash launcher: preflight checks, then exec vllm serve with the planned flags."""
-    from repack.serve import launcher, planner
+    """Write an executable bash launcher: preflight checks, then exec the engine with the planned flags."""
+    from repack.serve import launcher
 
-    m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes, cpu_offload_gb)
-    p = planner.plan(m, req)
-    _refuse_unfit(p, force)
-    flags = launcher.version_flags(vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM, m, req.gpu)
-    output.write_text(launcher.script(str(m.root.resolve()), p, flags, nodes, rec))
+    m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
+                                 nodes, cpu_offload_gb, speculative, extra, dense_context)
+    if engine is Engine.sglang:
+        L = _sglang(m, req, rec, sglang_version, extra, force)
+        output.write_text(L.script(rec))
+        output.chmod(0o755)
+        _output.sglang_written(output, L)
+        return
+    sel = launcher.select(m, req, path.value, vllm_version, force)
+    output.write_text(launcher.script(str(m.root.resolve()), sel.plan, sel.flags, nodes, rec))
     output.chmod(0o755)
-    _output.launcher_written(output, p, flags.version, nodes)
+    _output.launcher_written(output, sel.plan, sel.flags.version, nodes, sel.path.name, sel.flags.notes)
+
+
+def _sglang(m, req, rec, version, extra, force):
+    from repack.serve import planner
+    from repack.serve import sglang as sg
+
+    sg.check_model(m)
+    weights = planner.plan(m, req)["weights_gib_per_gpu"]
+    kw = dict(version=version, extra_args=list(extra or []), context_length=req.max_model_len)
+    L = (sg.from_recipe(str(m.root.resolve()), m, weights, rec, **kw) if rec else
+         sg.sglang_command(str(m.root.resolve()), m, weights, req.gpu, req.tp, env=dict(req.env), **kw))
+    if not L.memory.fits and not force:
+        raise UserError(f"the SGLang plan does not fit: {L.memory.reason} (--force writes it anyway)")
+    return L
 
 
 def serve(
-    model: str = typer.Argument(..., help="Converted checkpoint folder."),
+    model: str = typer.Argument(..., help="Checkpoint folder."),
+    extra: Optional[list[str]] = _EXTRA,
     gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, cpu_offload_gb: Optional[float] = _OFFLOAD,
+    path: PathChoice = _PATH, speculative: int = _SPEC,
+    engine: Engine = typer.Option(Engine.vllm, "--engine", help="vllm, or sglang (4-bit only)."),
+    dense_context: DenseContext = _DENSE,
     force: bool = typer.Option(False, "--force", help="Start even if the plan does not fit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
 ) -> None:
-    """Plan, then replace this process with `vllm serve` (flags for the installed vLLM)."""
-    from repack.serve import launcher, planner
+    """Plan, then replace this process with the engine (flags for the installed version)."""
+    from repack.serve import launcher
 
-    m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, 1, cpu_offload_gb)
-    p = planner.plan(m, req)
-    _refuse_unfit(p, force)
-    flags = launcher.version_flags(launcher.installed_vllm() or launcher.DEFAULT_VLLM, m, req.gpu)
-    argv = launcher.command(str(m.root), p, flags)
-    _output.plan_warnings(p)
+    m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
+                                 1, cpu_offload_gb, speculative, extra, dense_context)
+    if engine is Engine.sglang:
+        L = _sglang(m, req, rec, None, extra, force)
+        argv, env, notes = L.argv, L.env, L.warnings
+    else:
+        sel = launcher.select(m, req, path.value, None, force)
+        argv, env, notes = launcher.command(str(m.root), sel.plan, sel.flags), sel.plan["env"], sel.plan["warnings"] + sel.flags.notes
+    _output.warnings(notes)
     if dry_run:
-        _output.serve_command(p["env"], argv)
+        _output.serve_command(env, argv)
         return
-    launcher.exec_serve(argv, p["env"])
+    launcher.exec_serve(argv, env)
 
 
 def smoke(

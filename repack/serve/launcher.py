@@ -1,31 +1,34 @@
-"""``vllm serve`` command lines and launcher scripts from a plan, with flags chosen per vLLM version.
+"""``vllm serve`` command lines and launcher scripts from a plan, with flags checked against the vLLM version.
 
 Version rules (docs/formats.md §3): vLLM >= 0.17 maps ``quant_method: auto-round`` to its ``inc`` method by itself,
-so no ``--quantization`` is passed (older versions get ``--quantization auto-round``); GPTQ configs are
-picked up as ``gptq_marlin`` by every version. From 0.30 on, sm90+ GPUs default to the Humming MoE kernel;
-``--moe-backend marlin`` keeps Marlin there.
+so no ``--quantization`` is passed (older versions get ``--quantization auto-round``); GPTQ configs are picked up
+as ``gptq_marlin`` by every version. 3-bit checkpoints (the native path) need vLLM >= 0.30. No MoE backend is
+forced: on sm90 vLLM >= 0.30 picks Humming for 4-bit, which measured as fast as or faster than the native path
+(docs/benchmarks.md); a user who wants Marlin passes ``-- --moe-backend marlin``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from packaging.version import InvalidVersion, Version
 
 from repack.errors import UserError
-from repack.serve import planner, recipes
+from repack.serve import paths, planner, recipes
+from repack.serve.shell import arg_lines, dq
 
-DEFAULT_VLLM = "0.26.0"
+DEFAULT_VLLM = "0.33.0"
 RAY_PORT = 6379
 
 
-def parse_version(v: str) -> tuple[int, int, int]:
-    m = re.match(r"\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?", v)
-    if not m:
-        raise UserError(f"--vllm-version {v!r}: expected a version like 0.26.0")
-    return tuple(int(x or 0) for x in m.groups())  # type: ignore[return-value]
+def parse_version(v: str) -> Version:
+    try:
+        return Version(v)
+    except InvalidVersion as e:
+        raise UserError(f"--vllm-version {v!r}: expected a version like 0.33.0") from e
 
 
 def installed_vllm() -> str | None:
@@ -47,23 +50,28 @@ class VersionFlags:
     notes: list[str] = field(default_factory=list)
 
 
-def version_flags(version: str, model: planner.Model, gpu: planner.Gpu) -> VersionFlags:
+def version_flags(version: str, model: planner.Model, gpu: planner.Gpu, path: str = paths.REPACKED,
+                  speculative: int = 0) -> VersionFlags:
+    """Flags for ``version`` of vLLM; refuses what that version cannot serve (3-bit before 0.30)."""
     v = parse_version(version)
-    out = VersionFlags(version)
+    out = VersionFlags(str(v))
     qm = (model.quant_method or "").lower()
-    moe = bool(model.config.get("n_routed_experts") or model.config.get("num_experts")) or any(".experts." in t[0] for t in model.tensors)
+    mins = [Version(paths.NATIVE_MIN_VLLM if path == paths.NATIVE else "0.0")]
+    if path == paths.NATIVE and v < Version(paths.NATIVE_MIN_VLLM):
+        raise UserError(f"vLLM {v} refuses 3-bit checkpoints (it serves them from {paths.NATIVE_MIN_VLLM} on): "
+                        "upgrade vLLM, or convert to 4 bits (w3repack convert SRC DST) and launch the output")
     if qm in ("auto-round", "intel/auto-round", "auto_round"):
-        if v < (0, 17, 0):
+        if v < Version("0.17"):
             out.args += ["--quantization", "auto-round"]
             out.notes.append("vLLM < 0.17: --quantization auto-round is passed explicitly")
         else:
-            out.min_version = "0.17"
-    if moe and qm and gpu.cc_tuple >= (9, 0):
-        if v >= (0, 30, 0):
-            out.args += ["--moe-backend", "marlin"]
-            out.min_version = "0.30"
-        else:
-            out.notes.append("from vLLM 0.30 on, sm90+ defaults to the Humming MoE kernel: regenerate with --vllm-version")
+            mins.append(Version("0.17"))
+    if path == paths.REPACKED and gpu.cc_tuple >= (9, 0) and v >= Version("0.30"):
+        out.notes.append(f"vLLM {v} picks its own MoE kernel for 4-bit on sm90 (Humming); measured against the native "
+                         "path in docs/benchmarks.md. For Marlin, add after --: --moe-backend marlin")
+    if speculative:
+        mins.append(Version("0.26"))
+    out.min_version = str(max(mins))
     return out
 
 
@@ -72,19 +80,6 @@ def command(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1) ->
     if nodes > 1:
         args += ["--distributed-executor-backend", "ray"]
     return args
-
-
-def _arg_lines(args: list[str]) -> list[str]:
-    lines, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            lines.append(f"{a} {shlex.quote(args[i + 1])}")
-            i += 2
-        else:
-            lines.append(shlex.quote(a))
-            i += 1
-    return lines
 
 
 def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, recipe: dict | None = None) -> str:
@@ -115,7 +110,7 @@ def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, rec
               '  worker) [ -n "$HEAD_IP" ] || { echo "usage: $0 worker HEAD_IP" >&2; exit 2; } ;;',
               f'  *) echo "usage: $0 head (on the first node) | $0 worker HEAD_IP (on the other {nodes - 1})" >&2; exit 2 ;;',
               'esac', ""]
-    L += [f"MODEL=\"${{MODEL:-{_dq(model_path)}}}\"",
+    L += [f"MODEL=\"${{MODEL:-{dq(model_path)}}}\"",
           'PYTHON="${PYTHON:-python3}"',
           'VLLM="${VLLM:-vllm}"',
           f"NEED_GPUS={tp}",
@@ -150,7 +145,7 @@ def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, rec
         L.append(f"export {k}={shlex.quote(v)}")
     if plan.get("env"):
         L.append("")
-    serve = _arg_lines(command("$MODEL", plan, flags, nodes)[3:])
+    serve = arg_lines(command("$MODEL", plan, flags, nodes)[3:])
     exec_lines = ['exec "$VLLM" serve "$MODEL" \\'] + [f"  {a} \\" for a in serve[:-1]] + [f"  {serve[-1]}"]
     if nodes > 1:
         L += ['if [ "$ROLE" = worker ]; then',
@@ -170,14 +165,15 @@ def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, rec
     return "\n".join(L) + "\n"
 
 
-def _dq(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
-
-
 def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=None, kv_cache_dtype=None,
             utilization=None, recipe_name=None, nodes=1, cpu_offload_gb=None, max_num_batched_tokens=None,
-            enforce_eager=False, probe=True, model: planner.Model | None = None) -> tuple[planner.Model, planner.Request, dict | None]:
-    """Model headers (``model`` if already loaded), the request (options > recipe > nvidia-smi > defaults), the recipe."""
+            enforce_eager=False, probe=True, model: planner.Model | None = None, speculative: int = 0,
+            extra_args: list[str] | None = None, dense_context: str = "warn") -> tuple[planner.Model, planner.Request, dict | None]:
+    """Model headers (``model`` if already loaded), the request (options > recipe > nvidia-smi > defaults), the recipe.
+
+    ``extra_args`` (given after ``--``) follow the recipe's. ``dense_context`` for a model converted with
+    ``--dense-attention``: ``cap`` limits the context to ``index_topk`` (where the dense computation is exact),
+    ``warn`` plans the full context and says beyond which length it is an approximation."""
     recipe = recipes.load(recipe_name) if recipe_name else None
     sv = (recipe or {}).get("serve", {})
     hw = (recipe or {}).get("hardware", {})
@@ -193,11 +189,68 @@ def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=
         max_num_batched_tokens=max_num_batched_tokens or sv.get("max_num_batched_tokens"),
         enforce_eager=enforce_eager or bool(sv.get("enforce_eager", False)),
         consumer_pcie=hw.get("consumer_pcie"),
-        extra_args=list(sv.get("extra_args", [])),
+        extra_args=list(sv.get("extra_args", [])) + list(extra_args or []),
         env=dict((recipe or {}).get("env", {})),
+        speculative=speculative,
     )
     planner.check_request(req)
-    return model or planner.load_model(model_path), req, recipe
+    m = model or planner.load_model(model_path)
+    if speculative and not planner.mtp_layer_count(m):
+        raise UserError(f"{m.root}: --speculative needs an MTP layer (num_nextn_predict_layers > 0 and its tensors)")
+    topk = dense_topk(m)
+    if topk and dense_context == "cap":
+        req = replace(req, max_model_len=min(req.max_model_len or topk, topk))
+    return m, req, recipe
+
+
+def dense_topk(model: planner.Model) -> int | None:
+    """``index_topk`` of a V3.2 model that ``w3repack convert --dense-attention`` rewrote to dense MLA."""
+    from repack.output import Manifest
+
+    try:
+        m = Manifest.load(model.root)
+    except UserError:
+        return None
+    rec = (m.records or {}).get("dense_attention") if m else None
+    return int(rec["index_topk"]) if isinstance(rec, dict) and isinstance(rec.get("index_topk"), int) else None
+
+
+@dataclass
+class Selected:
+    report: paths.PathsReport
+    path: paths.ServingPath
+    flags: VersionFlags
+
+    @property
+    def plan(self) -> dict:
+        return self.path.plan
+
+
+def select(model: planner.Model, req: planner.Request, wanted: str = "auto", vllm_version: str | None = None,
+           force: bool = False) -> Selected:
+    """The path to launch and its flags; refuses a path that needs a conversion first, cannot run on this vLLM,
+    or does not fit (unless ``force``)."""
+    version = vllm_version or installed_vllm() or DEFAULT_VLLM
+    report = paths.plan_paths(model, req, vllm_version=version)
+    path = paths.choose(report, wanted)
+    if not path.runnable:
+        raise UserError(f"{model.root}: the {path.name} path cannot run: {path.why_not}")
+    if path.prepare:
+        why = f" (recommended: {report.reason})" if wanted == "auto" else ""
+        raise UserError(f"{model.root}: the {path.name} path{why} serves a converted folder: run `{path.prepare[0]}`, "
+                        "then launch DST" + ("" if wanted != "auto" else "; or choose a path with --path"))
+    if not path.fits and not force:
+        p = path.plan
+        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']})" for a in p["alternatives"][:4])
+        fails = "; ".join(c.detail for c in path.tp_checks if not c.ok)
+        raise UserError(f"the plan does not fit: {p['reason'] or fails}" + (f". Alternatives: {alts}" if alts else "")
+                        + " (--force writes it anyway)")
+    flags = version_flags(version, model, req.gpu, path.name, req.speculative)
+    topk = dense_topk(model)
+    if topk and path.plan["max_model_len"] > topk:
+        flags.notes.append(f"dense-attention fallback: exact up to index_topk={topk} tokens of context, an approximation "
+                           "of DeepSeek-V3.2's sparse attention beyond (--dense-context cap limits the context to it)")
+    return Selected(report, path, flags)
 
 
 def exec_serve(argv: list[str], env: dict[str, str]) -> None:

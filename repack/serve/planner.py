@@ -54,7 +54,7 @@ LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 COL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "gate_up_proj",
        "w1", "w3", "c_fc", "c_attn", "query_key_value", "fc1", "wqkv"}
 ROW = {"o_proj", "down_proj", "w2", "dense", "c_proj", "fc2", "out_proj", "wo"}
-VOCAB = {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out"}
+VOCAB = {"embed_tokens", "lm_head", "head", "wte", "word_embeddings", "embed_in", "embed_out"}
 REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "gate", "router"}
 CONSUMER_RE = re.compile(r"GeForce|RTX [2-5]0[5-9]0", re.I)
 
@@ -85,6 +85,7 @@ class Request:
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     consumer_pcie: bool | None = None
+    speculative: int = 0  # MTP draft tokens (deepseek_mtp); > 0 loads the MTP layers
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -210,8 +211,30 @@ class Weights:
     quantized_indexer: int = 0
 
 
-def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
-    """Bytes of weights each GPU of each pipeline stage holds."""
+def mtp_layer_count(model: Model) -> int:
+    """MTP (next-n) layers the checkpoint holds: ``layers.{num_hidden_layers}+`` with tensors."""
+    n = model.layers
+    return len({int(m.group(1)) for t in model.tensors if (m := LAYER_RE.search(t[0])) and n and int(m.group(1)) >= n})
+
+
+def quant_bits(model: Model) -> dict[int, int]:
+    """Quantized modules per width, widths from shapes: ``32 * qzeros.shape[1] / scales.shape[1]``."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, _, shape, _ in model.tensors:
+        module, _, part = name.rpartition(".")
+        if part in ("qzeros", "scales"):
+            shapes.setdefault(module, {})[part] = shape
+    bits: dict[int, int] = {}
+    for parts in shapes.values():
+        if len(parts) == 2 and len(parts["scales"]) == 2 and parts["scales"][1]:
+            b = 32 * parts["qzeros"][1] // parts["scales"][1]
+            bits[b] = bits.get(b, 0) + 1
+    return dict(sorted(bits.items()))
+
+
+def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weights:
+    """Bytes of weights each GPU of each pipeline stage holds; MTP layers (``layers.{n}+``) only with ``mtp``,
+    on the last stage (vLLM builds the draft model there)."""
     n = model.layers
     ranges = stage_layers(n, pp) if n else [range(0)] * pp
     stage_of = {}
@@ -227,10 +250,10 @@ def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
         m = LAYER_RE.search(name)
         if m:
             layer = int(m.group(1))
-            if n and layer >= n:
+            if n and layer >= n and not mtp:
                 skipped += nbytes
                 continue
-            stage = stage_of.get(layer, 0)
+            stage = stage_of.get(layer, pp - 1)
         elif "embed" in module:
             stage = 0
         else:
@@ -249,7 +272,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
         rule = _rule(module)
         b = _per_rank(model, module, rule, loaded, shape, tp, quantized)
         per_stage[stage] += b
-        key = _class(module, quantized)
+        key = "MTP layer (speculative decoding)" if m and n and int(m.group(1)) >= n else _class(module, quantized)
         by_class[key] = by_class.get(key, 0.0) + b
     bits: dict[int, int] = {}
     qkvb = qidx = 0
@@ -266,7 +289,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int) -> Weights:
             k_in = parts["qweight"][0] * 32 // b
             extra = n_out * k_in * model.dtype_bytes / tp
             m = LAYER_RE.search(module)
-            per_stage[stage_of.get(int(m.group(1)), 0) if m else 0] += extra
+            per_stage[stage_of.get(int(m.group(1)), pp - 1) if m else 0] += extra
             by_class["kv_b_proj dequantized copy"] = by_class.get("kv_b_proj dequantized copy", 0.0) + extra
     return Weights(per_stage, skipped, by_class, dict(sorted(bits.items())), qkvb, qidx)
 
@@ -356,7 +379,7 @@ def default_batched_tokens(gpu: Gpu) -> int:
 
 
 def fit(model: Model, req: Request, weights: Weights | None = None) -> Fit:
-    w = weights or weights_per_gpu(model, req.tp, req.pp)
+    w = weights or weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     attn, idx = kv_bytes_per_layer(model, req.tp, req.kv_cache_dtype)
     ranges = stage_layers(model.layers, req.pp) if model.layers else [range(0)] * req.pp
     al = allowances(model, req)
@@ -411,6 +434,9 @@ def vllm_args(req: Request, f: Fit) -> list[str]:
         args += ["--max-num-batched-tokens", str(req.max_num_batched_tokens)]
     if req.enforce_eager:
         args += ["--enforce-eager"]
+    if req.speculative:
+        args += ["--speculative-config", json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": req.speculative},
+                                                    separators=(",", ":"))]
     return args + list(req.extra_args)
 
 
@@ -423,7 +449,8 @@ def warnings_for(model: Model, req: Request, w: Weights) -> list[str]:
     low = {b: c for b, c in w.quant_bits.items() if b not in (4, 8)}
     if low:
         desc = ", ".join(f"{c} modules at {b} bits" for b, c in low.items())
-        out.append(f"{desc}: stock vLLM serves only 4/8-bit symmetric GPTQ with Marlin; convert first: w3repack convert MODEL OUT")
+        out.append(f"{desc}: stock vLLM serves them natively from 0.30 on (Humming kernels); vLLM <= 0.29 and SGLang "
+                   "refuse them: convert first (w3repack convert MODEL OUT)")
     if w.quantized_kv_b:
         out.append(f"{w.quantized_kv_b} quantized kv_b_proj modules: vLLM 0.26 crashes on every prompt longer than one "
                    "scheduler step (MLA prefill context); convert with --kv-b-float (the default) to store them in float")
@@ -432,10 +459,10 @@ def warnings_for(model: Model, req: Request, w: Weights) -> list[str]:
                    "weights; convert with --indexer-float (the default) to store them dequantized")
     if model.v32 and cc < (9, 0):
         out.append(f"DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc {req.gpu.cc} has no backend for it "
-                   "in stock vLLM. Options: serve on sm90+ (H100/H200); or a dense-attention fallback (config with the "
-                   "DeepseekV3ForCausalLM architecture and no index_* keys), reported to work elsewhere but unverified in vLLM. "
+                   "in stock vLLM. Convert with --dense-attention (a DeepSeek-V3 dense-MLA config, indexer left out): "
+                   f"exact up to index_topk={model.config.get('index_topk')} tokens of context, an approximation beyond. "
                    f"This plan counts the indexer ({w.by_class.get('indexer', 0) / GIB:.2f} GiB/GPU of weights and its cache); "
-                   "a dense fallback would drop both")
+                   "the dense fallback drops both")
     if req.kv_cache_dtype.startswith("fp8") and model.mla and cc < (8, 9):
         out.append(f"--kv-cache-dtype {req.kv_cache_dtype}: fp8 KV cache for MLA needs sm89+; cc {req.gpu.cc} will refuse it")
     if req.tp * req.pp > 1 and _consumer(req):
@@ -500,7 +527,7 @@ def alternatives(model: Model, req: Request, f: Fit) -> list[dict]:
 def plan(model: Model, req: Request) -> dict:
     """The full plan as a JSON-able dict (stable keys: weights_gib_per_gpu, kv_bytes_per_token, max_model_len,
     fits, warnings, vllm_args)."""
-    w = weights_per_gpu(model, req.tp, req.pp)
+    w = weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     f = fit(model, req, w)
     warns = warnings_for(model, req, w)
     if req.gpu.source.get("count") == "default" or req.gpu.source.get("memory_gib") == "default":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from repack.errors import UserError
 from repack.serve import planner
+from repack.serve.shell import arg_lines, dq
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
@@ -368,23 +369,6 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
 
 # ---------------------------------------------------------------- script
 
-def _dq(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
-
-
-def _arg_lines(args: list[str]) -> list[str]:
-    lines, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            lines.append(f"{a} {args[i + 1] if args[i + 1] == '$MODEL' else shlex.quote(args[i + 1])}")
-            i += 2
-        else:
-            lines.append(shlex.quote(a))
-            i += 1
-    return lines
-
-
 def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
     """Bash: preflight (GPU count and memory, ``import sglang`` and its version >= min), then ``exec`` the server.
     ``MODEL`` and ``PYTHON`` in the environment override the path and the interpreter."""
@@ -404,7 +388,7 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
     L += [f"# warning: {w}" for w in launch.warnings]
     need_mib = int(g.memory_gib * 1024 * 0.98)
     L += ["set -euo pipefail", "",
-          f'MODEL="${{MODEL:-{_dq(launch.model_path)}}}"',
+          f'MODEL="${{MODEL:-{dq(launch.model_path)}}}"',
           'PYTHON="${PYTHON:-python3}"',
           f"NEED_GPUS={launch.tp}",
           f"NEED_MIB={need_mib}",
@@ -435,7 +419,7 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
         L.append("")
     args = list(launch.argv[3:])
     args[args.index("--model-path") + 1] = "$MODEL"
-    lines = _arg_lines(args)
+    lines = arg_lines(args)
     lines = [ln.replace("--model-path $MODEL", '--model-path "$MODEL"') for ln in lines]
     L.append('exec "$PYTHON" -m sglang.launch_server \\')
     L += [f"  {a} \\" for a in lines[:-1]] + [f"  {lines[-1]}"]

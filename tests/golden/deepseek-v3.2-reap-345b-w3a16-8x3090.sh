@@ -5,7 +5,7 @@
 # weights 22.32 GiB per GPU (19.32 GiB on the GPU), KV cache 78324 bytes per token, 1.48 GiB per GPU
 # max context 8192 tokens at --gpu-memory-utilization 0.95 (capacity 20302 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
-# warning: DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc 8.6 has no backend for it in stock vLLM. Options: serve on sm90+ (H100/H200); or a dense-attention fallback (config with the DeepseekV3ForCausalLM architecture and no index_* keys), reported to work elsewhere but unverified in vLLM. This plan counts the indexer (0.53 GiB/GPU of weights and its cache); a dense fallback would drop both
+# warning: DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc 8.6 has no backend for it in stock vLLM. Convert with --dense-attention (a DeepSeek-V3 dense-MLA config, indexer left out): exact up to index_topk=2048 tokens of context, an approximation beyond. This plan counts the indexer (0.53 GiB/GPU of weights and its cache); the dense fallback drops both
 # warning: consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and pass --disable-custom-all-reduce
 # warning: --cpu-offload-gb 3: 3 GiB of weights per GPU live in host memory (24 GiB of pinned RAM in all) and cross PCIe on every forward pass: expect much lower throughput
 set -euo pipefail

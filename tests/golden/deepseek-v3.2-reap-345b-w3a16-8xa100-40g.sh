@@ -5,7 +5,7 @@
 # weights 22.32 GiB per GPU (22.32 GiB on the GPU), KV cache 78324 bytes per token, 11.68 GiB per GPU
 # max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 160133 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
-# warning: DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc 8.0 has no backend for it in stock vLLM. Options: serve on sm90+ (H100/H200); or a dense-attention fallback (config with the DeepseekV3ForCausalLM architecture and no index_* keys), reported to work elsewhere but unverified in vLLM. This plan counts the indexer (0.53 GiB/GPU of weights and its cache); a dense fallback would drop both
+# warning: DeepSeek-V3.2 sparse attention (indexer) needs sm90+ in vLLM; cc 8.0 has no backend for it in stock vLLM. Convert with --dense-attention (a DeepSeek-V3 dense-MLA config, indexer left out): exact up to index_topk=2048 tokens of context, an approximation beyond. This plan counts the indexer (0.53 GiB/GPU of weights and its cache); the dense fallback drops both
 set -euo pipefail
 
 MODEL="${MODEL:-/models/DeepSeek-V3.2-REAP-345B-W4A16}"
