@@ -189,7 +189,6 @@ def child(spec: dict) -> dict:
     pre = sorted(PREFILL_BATCH * PREFILL_LEN / timed(batch(PREFILL_BATCH, PREFILL_LEN), 1) for _ in range(rep))
     out["decode_tps"] = decode
     out["prefill_tps"] = {"median": round(statistics.median(pre), 1), "min": round(pre[0], 1), "max": round(pre[-1], 1)}
-    out["torch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 

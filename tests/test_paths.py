@@ -228,3 +228,17 @@ def test_plan_text_shows_both_paths(source):
     assert r.returncode == 0, r.stderr
     assert "native-3bit" in r.stdout and "repacked-4bit" in r.stdout
     assert "recommended       native-3bit: only the native path fits" in r.stdout
+
+
+def test_launch_sglang_engine(tiny, tmp_path):
+    src, dst = tiny
+    out = tmp_path / "sg.sh"
+    base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "24", "--compute-capability", "8.6"]
+    r = run("launch", dst, "-o", out, *base, "--", "--port", "30123")
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert 'exec "$PYTHON" -m sglang.launch_server' in text and "--dtype float16" in text
+    assert text.rstrip().endswith("--port 30123")  # after the launcher's own --port: the last one wins
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
+    r = run("launch", src, "-o", tmp_path / "sg3.sh", *base)
+    assert r.returncode == 2 and "SGLang cannot load them" in r.stderr

@@ -125,8 +125,9 @@ def paths_plan(report: PathsReport, json_out: bool) -> None:
                 ("kernel", *[p.kernel for p in report.paths]),
                 ("measured decode", *[_speed(p) for p in report.paths]),
                 ("prepare", *[p.prepare[0] if p.prepare else "nothing" for p in report.paths])]
+        width = max(len(c) for r in rows for c in r[1:]) + 2
         for r in rows:
-            o.print(f"  {r[0]:<17}" + "".join(f"{c:<52}" for c in r[1:]), markup=False)
+            o.print(f"  {r[0]:<17}" + "".join(f"{c:<{width}}" for c in r[1:]).rstrip(), markup=False)
         for p in report.paths:
             for c in p.tp_checks:
                 if not c.ok:

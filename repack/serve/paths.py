@@ -199,7 +199,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
     native_model, native_prep = virtual_output(model, target="native", kv_b_float=False, **common)
     repacked_model, _ = virtual_output(model, **common)
     flags = " --dense-attention" if common["dense_attention"] else ""
-    native = ServingPath(NATIVE, planner.plan(native_model, req), NATIVE_MIN_VLLM, kernel(NATIVE, req.gpu.cc, vllm_version),
+    native = ServingPath(NATIVE, planner.plan(native_model, req, native=True), NATIVE_MIN_VLLM, kernel(NATIVE, req.gpu.cc, vllm_version),
                          [f"w3repack convert SRC DST --target native{flags}"] if native_prep else [],
                          tp_checks=tp_checks(native_model, req.tp, 3))
     repacked = ServingPath(REPACKED, planner.plan(repacked_model, req), REPACKED_MIN_VLLM,

@@ -440,18 +440,20 @@ def vllm_args(req: Request, f: Fit) -> list[str]:
     return args + list(req.extra_args)
 
 
-def warnings_for(model: Model, req: Request, w: Weights) -> list[str]:
+def warnings_for(model: Model, req: Request, w: Weights, native: bool = False) -> list[str]:
+    """What the user must know before serving; ``native``: the model is served as 3-bit by vLLM >= 0.30, which
+    loads low-bit modules and a quantized ``kv_b_proj`` (the 0.26 crash is fixed from 0.28)."""
     out = []
     cc = req.gpu.cc_tuple
     if model.quant_method and cc < (8, 0):
         out.append(f"compute capability {req.gpu.cc}: vLLM's Marlin kernels for 4-bit GPTQ need cc >= 8.0 "
                    "(>= 7.5 in recent versions); this GPU may not load the model at all")
     low = {b: c for b, c in w.quant_bits.items() if b not in (4, 8)}
-    if low:
+    if low and not native:
         desc = ", ".join(f"{c} modules at {b} bits" for b, c in low.items())
         out.append(f"{desc}: stock vLLM serves them natively from 0.30 on (Humming kernels); vLLM <= 0.29 and SGLang "
                    "refuse them: convert first (w3repack convert MODEL OUT)")
-    if w.quantized_kv_b:
+    if w.quantized_kv_b and not native:
         out.append(f"{w.quantized_kv_b} quantized kv_b_proj modules: vLLM 0.26 crashes on every prompt longer than one "
                    "scheduler step (MLA prefill context); convert with --kv-b-float (the default) to store them in float")
     if w.quantized_indexer:
@@ -524,12 +526,12 @@ def alternatives(model: Model, req: Request, f: Fit) -> list[dict]:
     return out
 
 
-def plan(model: Model, req: Request) -> dict:
+def plan(model: Model, req: Request, native: bool = False) -> dict:
     """The full plan as a JSON-able dict (stable keys: weights_gib_per_gpu, kv_bytes_per_token, max_model_len,
     fits, warnings, vllm_args)."""
     w = weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     f = fit(model, req, w)
-    warns = warnings_for(model, req, w)
+    warns = warnings_for(model, req, w, native)
     if req.gpu.source.get("count") == "default" or req.gpu.source.get("memory_gib") == "default":
         warns.insert(0, f"GPU facts assumed (no nvidia-smi, no option): {req.gpu.count} x {req.gpu.memory_gib:g} GiB, "
                         f"cc {req.gpu.cc}; pass --gpus/--gpu-memory/--compute-capability or --recipe")
