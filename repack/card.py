@@ -173,7 +173,8 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
     mtp = man.records.get("mtp")
     if mtp:
         out += ["", f"Multi-token prediction: MTP layer(s) {', '.join(map(str, mtp['layers']))} kept, for speculative "
-                "decoding in vLLM (`--speculative-config '{\"method\": \"deepseek_mtp\", \"num_speculative_tokens\": 1}'`); "
+                "decoding in vLLM (`--speculative-config '{\"method\": \"deepseek_mtp\", \"num_speculative_tokens\": 1}'`, "
+                "which `w3repack launch DST --speculative 1` adds and plans memory for); "
                 "the full model checks every drafted token. Quantized width of the MTP modules: "
                 + ", ".join(f"layer {k}: {v}-bit" for k, v in (mtp.get("bits") or {}).items() if v) + "."]
     dense = man.records.get("dense_attention")

@@ -59,13 +59,16 @@ def write_sparse(path, tensors):
         f.truncate(8 + len(raw) + off)
 
 
-def write_replica(root):
+def write_replica(root, dense=False):
+    """The 4-bit output; ``dense``: as ``convert --dense-attention`` writes it (DeepSeek-V3 config, no indexer)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     shards = {"model-00000.safetensors": [("model.embed_tokens.weight", "BF16", [VOCAB, HIDDEN]),
                                           ("model.norm.weight", "BF16", [HIDDEN]), ("lm_head.weight", "BF16", [VOCAB, HIDDEN])]}
     for layer in range(LAYERS + 1):
         shards[f"model-{layer + 1:05d}.safetensors"] = layer_tensors(layer)
+    if dense:
+        shards = {k: [t for t in v if ".indexer." not in t[0]] for k, v in shards.items()}
     wm = {}
     for name, tensors in shards.items():
         write_sparse(root / name, tensors)
@@ -81,6 +84,10 @@ def write_replica(root):
            "quantization_config": {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4,
                                    "group_size": 128, "sym": True, "data_type": "int",
                                    "extra_config": {".*kv_b_proj.*": {"bits": 16, "data_type": "float"}}}}
+    if dense:
+        cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+        for k in ("index_head_dim", "index_n_heads", "index_topk"):
+            del cfg[k]
     (root / "config.json").write_text(json.dumps(cfg, indent=1))
     return root
 

@@ -29,6 +29,12 @@ from tests.replica import PLACEHOLDER, hand_weights_per_gpu, q4, quant, write_re
 GIB = 1 << 30
 GOLDEN = Path(__file__).parent / "golden"
 @pytest.fixture(scope="module")
+def dense_replica(tmp_path_factory):
+    """What a GPU below sm90 serves: the 345B output converted with --dense-attention."""
+    return write_replica(tmp_path_factory.mktemp("r345d") / "DeepSeek-V3.2-REAP-345B-W4A16", dense=True)
+
+
+@pytest.fixture(scope="module")
 def replica(tmp_path_factory):
     return write_replica(tmp_path_factory.mktemp("r345") / "DeepSeek-V3.2-REAP-345B-W4A16")
 
@@ -197,9 +203,10 @@ GOLDEN_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
-def test_launch_golden(replica, tmp_path, name):
+def test_launch_golden(replica, dense_replica, tmp_path, name):
     out = tmp_path / "serve.sh"
-    text = _launch(replica, out, *GOLDEN_CASES[name])
+    # below sm90 the V3.2 model is served converted with --dense-attention (the planner refuses it otherwise)
+    text = _launch(replica if "h100" in name else dense_replica, out, *GOLDEN_CASES[name])
     assert os.access(out, os.X_OK)
     assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
     if shutil.which("shellcheck"):
@@ -230,7 +237,8 @@ def _fake_tools(tmp_path, gpus, mib):
     return {**os.environ, "PATH": f"{b}:/usr/bin:/bin"}
 
 
-def test_launch_script_runs_preflight_then_execs(replica, tmp_path):
+def test_launch_script_runs_preflight_then_execs(dense_replica, tmp_path):
+    replica = dense_replica
     out = tmp_path / "serve.sh"
     _launch(replica, out, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090", "--vllm-version", "0.26.0")
     r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path, 8, 24576))
@@ -244,7 +252,15 @@ def test_launch_script_runs_preflight_then_execs(replica, tmp_path):
     assert r.returncode == 1 and "12288 MiB" in r.stderr
 
 
-def test_launch_refuses_unfit_unless_forced(replica, tmp_path):
+def test_launch_v32_below_sm90_needs_the_dense_conversion(replica, tmp_path):
+    r = run("launch", replica, "-o", tmp_path / "s.sh", "--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090")
+    assert r.returncode == 2 and "run `w3repack convert MODEL DST --dense-attention`, then launch DST" in r.stderr
+    r = run("plan", replica, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8x3090")
+    assert r.returncode == 0 and "no backend" not in r.stdout and "dense-attention fallback" in r.stdout
+
+
+def test_launch_refuses_unfit_unless_forced(dense_replica, tmp_path):
+    replica = dense_replica
     out = tmp_path / "s.sh"
     r = run("launch", replica, "-o", out, "--gpus", 8, "--gpu-memory", 24, "--compute-capability", "8.6")
     assert r.returncode == 2 and "does not fit" in r.stderr and "--nodes 2" in r.stderr and not out.exists()
@@ -252,7 +268,8 @@ def test_launch_refuses_unfit_unless_forced(replica, tmp_path):
     assert r.returncode == 0 and "fits: NO" in out.read_text()
 
 
-def test_serve_dry_run(replica):
+def test_serve_dry_run(dense_replica):
+    replica = dense_replica
     r = run("serve", replica, "--recipe", "deepseek-v3.2-reap-345b-w3a16-8xa100-40g", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (f"vllm serve {replica} --tensor-parallel-size 8 --max-model-len 65536 "

@@ -190,21 +190,31 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
     dense = dense_attention if dense_attention is not None else (model.v32 and req.gpu.cc_tuple < (9, 0))
     v = Version(vllm_version) if vllm_version else None
     paths: list[ServingPath] = []
+    dense = bool(dense and model.v32)
+    flags = " --dense-attention" if dense else ""
+    note = (f"planned with the dense-attention fallback (GPUs below sm90 have no V3.2 sparse-attention backend): "
+            f"exact up to index_topk={model.config.get('index_topk')} tokens of context, an approximation beyond")
     if not is_low_bit(model):
-        p = planner.plan(model, req)
-        paths.append(ServingPath(REPACKED, p, REPACKED_MIN_VLLM, kernel(REPACKED, req.gpu.cc, vllm_version), [],
-                                 measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(model, req.tp, 4)))
+        m4, prep = (virtual_output(model, dense_attention=True)[0], [f"w3repack convert MODEL DST{flags}"]) if dense \
+            else (model, [])
+        p = planner.plan(m4, req)
+        if dense:
+            p["warnings"].append(note)
+        paths.append(ServingPath(REPACKED, p, REPACKED_MIN_VLLM, kernel(REPACKED, req.gpu.cc, vllm_version), prep,
+                                 measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(m4, req.tp, 4)))
         return PathsReport(bits, paths, REPACKED, "the model is already 4-bit: one path")
-    common = {"dense_attention": bool(dense and model.v32)}
+    common = {"dense_attention": dense}
     native_model, native_prep = virtual_output(model, target="native", kv_b_float=False, **common)
     repacked_model, _ = virtual_output(model, **common)
-    flags = " --dense-attention" if common["dense_attention"] else ""
     native = ServingPath(NATIVE, planner.plan(native_model, req, native=True), NATIVE_MIN_VLLM, kernel(NATIVE, req.gpu.cc, vllm_version),
                          [f"w3repack convert SRC DST --target native{flags}"] if native_prep else [],
                          tp_checks=tp_checks(native_model, req.tp, 3))
     repacked = ServingPath(REPACKED, planner.plan(repacked_model, req), REPACKED_MIN_VLLM,
                            kernel(REPACKED, req.gpu.cc, vllm_version), [f"w3repack convert SRC DST{flags}"],
                            measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(repacked_model, req.tp, 4))
+    if dense:
+        for path in (native, repacked):
+            path.plan["warnings"].append(note)
     if v is not None and v < Version(NATIVE_MIN_VLLM):
         native.runnable, native.why_not = False, f"vLLM {vllm_version} refuses 3-bit checkpoints (needs >= {NATIVE_MIN_VLLM})"
     if engine != "vllm":
