@@ -52,7 +52,7 @@ class Row(NamedTuple):
     recipe: bool
     model: planner.Model
     req: planner.Request
-    plan: dict
+    plan: planner.MemoryPlan
 
 
 def plan_rows(dst: Path) -> list[Row]:
@@ -64,7 +64,7 @@ def plan_rows(dst: Path) -> list[Row]:
         model, req, rec = launcher.prepare(str(dst), probe=False, model=model, **kw)
         label = f"`{rec['name']}`" if rec else f"generic {req.gpu.count}x{req.gpu.memory_gib:g} GiB"
         p = planner.plan(model, req)
-        if p["kv_bytes_per_token"] <= 0:
+        if p.kv_bytes_per_token <= 0:
             raise UserError("config.json gives no KV cache shape (num_hidden_layers with kv_lora_rank, or attention "
                             "heads and head size)")
         rows.append(Row(label, rec is not None, model, req, p))
@@ -82,9 +82,9 @@ def memory_section(rows: list[Row]) -> list[str]:
     notes: dict[str, list[str]] = {}
     for r in rows:
         p, g = r.plan, r.req.gpu
-        out.append(f"| {r.label} | {g.count} x {g.memory_gib:g} GiB | {g.cc} | {p['weights_gib_per_gpu']} | "
-                   f"{p['kv_bytes_per_token']:,} | {p['max_model_len']:,} | {'yes' if p['fits'] else 'no'} |")
-        for w in ([f"does not fit: {p['reason']}"] if not p["fits"] else []) + p["warnings"]:
+        out.append(f"| {r.label} | {g.count} x {g.memory_gib:g} GiB | {g.cc} | {p.weights_gib_per_gpu} | "
+                   f"{p.kv_bytes_per_token:,} | {p.max_model_len:,} | {'yes' if p.fits else 'no'} |")
+        for w in ([f"does not fit: {p.reason}"] if not p.fits else []) + p.warnings:
             notes.setdefault(_short(w), []).append(r.label)
     if notes:
         out += [""] + [f"- {w} ({', '.join(labels)})" for w, labels in notes.items()]
@@ -95,7 +95,7 @@ def serve_choice(rows: list[Row]) -> Row:
     """The generic row with the least GPU memory in all that fits, else the one with the most (sm90+ for V3.2)."""
     generic = sorted((r for r in rows if not r.recipe and not (r.model.v32 and r.req.gpu.cc_tuple < (9, 0))),
                      key=lambda r: (r.req.gpu.count * r.req.gpu.memory_gib, r.req.gpu.count))
-    return next((r for r in generic if r.plan["fits"]), generic[-1])
+    return next((r for r in generic if r.plan.fits), generic[-1])
 
 
 def serve_section(rows: list[Row], repo_id: str) -> list[str]:
@@ -104,13 +104,13 @@ def serve_section(rows: list[Row], repo_id: str) -> list[str]:
     flags = launcher.version_flags(launcher.DEFAULT_VLLM, r.model, r.req.gpu)
     cmd = shlex.join(launcher.command(repo_id, r.plan, flags))
     g, p = r.req.gpu, r.plan
-    if p["fits"]:
+    if p.fits:
         why = (f"The smallest generic setup that fits: {g.count} x {g.memory_gib:g} GiB (cc {g.cc}), "
-               f"max context {p['max_model_len']:,} tokens; flags for vLLM {flags.version}.")
+               f"max context {p.max_model_len:,} tokens; flags for vLLM {flags.version}.")
     else:
-        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']:,})" for a in p["alternatives"][:4])
+        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']:,})" for a in p.alternatives[:4])
         why = (f"No generic setup fits; this is the plan for {g.count} x {g.memory_gib:g} GiB (cc {g.cc}), which does not: "
-               f"{p['reason']}." + (f" Alternatives: {alts}." if alts else ""))
+               f"{p.reason}." + (f" Alternatives: {alts}." if alts else ""))
     return [why, "", "```bash", cmd, "```", ""] + [f"Note (vLLM {flags.version}): {n}.\n" for n in flags.notes]
 
 

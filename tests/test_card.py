@@ -59,11 +59,11 @@ def test_memory_table_carries_the_planners_numbers(converted):
     for label, (_, req, p) in want.items():
         gpus, cc, weights, kv, ctx, fits = rows[label]
         assert (gpus, cc) == (f"{req.gpu.count} x {req.gpu.memory_gib:g} GiB", req.gpu.cc), label
-        assert float(weights) == p["weights_gib_per_gpu"], label
-        assert int(kv.replace(",", "")) == p["kv_bytes_per_token"], label
-        assert int(ctx.replace(",", "")) == p["max_model_len"], label
-        assert fits == ("yes" if p["fits"] else "no"), label
-        for w in p["warnings"]:
+        assert float(weights) == p.weights_gib_per_gpu, label
+        assert int(kv.replace(",", "")) == p.kv_bytes_per_token, label
+        assert int(ctx.replace(",", "")) == p.max_model_len, label
+        assert fits == ("yes" if p.fits else "no"), label
+        for w in p.warnings:
             assert text.count(w.split(". ", 1)[0].rstrip(".")) == 1, w
     cfg = json.loads((converted / "config.json").read_text())
     mla = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * cfg["num_hidden_layers"] * 2
@@ -77,7 +77,7 @@ def test_serve_command_is_the_launchers_for_the_smallest_fitting_setup(converted
     converted = converted[1]
     text = card.build_card(converted, REPO)
     model, req, p = expected_rows(converted)["generic 1x80 GiB"]
-    assert p["fits"]
+    assert p.fits
     argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))
     serve = text.split("## Serve with vLLM", 1)[1]
     assert serve.split("```bash\n", 1)[1].split("\n```", 1)[0] == shlex.join(argv)
@@ -92,11 +92,11 @@ def test_serve_command_when_no_generic_setup_fits(converted, monkeypatch):
     model = planner.load_model(converted)
     req = planner.Request(tp=8, gpu=planner.Gpu(8, 1.6, "9.0"))
     p = planner.plan(model, req)
-    assert not p["fits"] and p["alternatives"]
+    assert not p.fits and p.alternatives
     argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))
     assert f"```bash\n{shlex.join(argv)}\n```" in text
-    assert "No generic setup fits" in text and p["reason"] in text
-    assert f"Alternatives: {p['alternatives'][0]['description']}" in text
+    assert "No generic setup fits" in text and p.reason in text
+    assert f"Alternatives: {p.alternatives[0]['description']}" in text
 
 
 def test_no_memory_plan_when_the_config_has_no_kv_shape(out_copy):

@@ -230,7 +230,7 @@ def test_v32_indexer_fix_can_be_switched_off_and_the_planner_warns(tmp_path):
     warned = {}
     for name in ("fixed", "raw"):
         m, req, _ = launcher.prepare(str(tmp_path / name), gpus=1, gpu_memory=80, cc="9.0", probe=False)
-        warned[name] = [w for w in planner.plan(m, req)["warnings"] if "indexer wk/weights_proj" in w]
+        warned[name] = [w for w in planner.plan(m, req).warnings if "indexer wk/weights_proj" in w]
     assert warned["fixed"] == []
     assert len(warned["raw"]) == 1 and warned["raw"][0].startswith(f"{2 * layers} quantized indexer")
 

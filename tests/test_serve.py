@@ -40,7 +40,7 @@ def replica(tmp_path_factory):
 
 
 def _plan(root, tp, mem, cc, **kw):
-    return planner.plan(planner.load_model(root), planner.Request(tp, planner.Gpu(tp, mem, cc), **kw))
+    return planner.plan(planner.load_model(root), planner.Request(tp, planner.Gpu(tp, mem, cc), **kw)).to_json()
 
 
 def test_replica_is_sparse_and_full_size(replica):

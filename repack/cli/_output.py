@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from repack.demo import DemoResult
     from repack.report import InspectReport
     from repack.serve.paths import PathsReport, ServingPath
+    from repack.serve.planner import MemoryPlan
     from repack.serve.sglang import SglangLaunch
     from repack.serve.smoke import Report as SmokeReport
     from repack.verify import Report
@@ -118,9 +119,9 @@ def paths_plan(report: PathsReport, json_out: bool) -> None:
     if len(report.paths) > 1:
         o.print(f"[bold]serving paths[/] (source widths: {', '.join(f'{b}-bit' for b in report.source_bits)})")
         rows = [("", *[p.name for p in report.paths]),
-                ("weights per GPU", *[f"{p.plan['weights_gib_per_gpu']:.2f} GiB" for p in report.paths]),
+                ("weights per GPU", *[f"{p.plan.weights_gib_per_gpu:.2f} GiB" for p in report.paths]),
                 ("fits", *["yes" if p.fits else "NO" for p in report.paths]),
-                ("max context", *[str(p.plan["max_model_len"]) for p in report.paths]),
+                ("max context", *[str(p.plan.max_model_len) for p in report.paths]),
                 ("vLLM", *[f">= {p.min_vllm_version}" + ("" if p.runnable else " (not here)") for p in report.paths]),
                 ("kernel", *[p.kernel for p in report.paths]),
                 ("measured decode", *[_speed(p) for p in report.paths]),
@@ -146,7 +147,8 @@ def _speed(p: ServingPath) -> str:
     return f"{m.decode_geomean:.2f}x native ({m.gpu_family}, TP {m.tp}, vLLM {m.vllm})"
 
 
-def memory_plan(p: dict, json_out: bool) -> None:
+def memory_plan(plan: MemoryPlan, json_out: bool) -> None:
+    p = plan.to_json()
     if json_out:
         ui.print_json(p)
         return
@@ -179,10 +181,10 @@ def warnings(lines: list[str]) -> None:
         ui.err.print(f"warning: {w}", markup=False)
 
 
-def launcher_written(output: object, p: dict, vllm_version: str, nodes: int, path: str, notes: list[str]) -> None:
-    ui.out.print(f"wrote {output}: {path} path, {p['gpus']} GPUs, max context {p['max_model_len']}, flags for vLLM {vllm_version}"
+def launcher_written(output: object, p: MemoryPlan, vllm_version: str, nodes: int, path: str, notes: list[str]) -> None:
+    ui.out.print(f"wrote {output}: {path} path, {p.gpus} GPUs, max context {p.max_model_len}, flags for vLLM {vllm_version}"
                  + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else ""), markup=False)
-    warnings(p["warnings"] + notes)
+    warnings(p.warnings + notes)
 
 
 def sglang_written(output: object, launch: SglangLaunch) -> None:

@@ -113,7 +113,7 @@ def _sglang(m, req, rec, version, extra, force):
     from repack.serve import sglang as sg
 
     sg.check_model(m)
-    weights = planner.plan(m, req)["weights_gib_per_gpu"]
+    weights = planner.plan(m, req).weights_gib_per_gpu
     kw = dict(version=version, extra_args=list(extra or []), context_length=req.max_model_len)
     L = (sg.from_recipe(str(m.root.resolve()), m, weights, rec, **kw) if rec else
          sg.sglang_command(str(m.root.resolve()), m, weights, req.gpu, req.tp, env=dict(req.env), **kw))
@@ -144,7 +144,7 @@ def serve(
         argv, env, notes = L.argv, L.env, L.warnings
     else:
         sel = launcher.select(m, req, path.value, None, force)
-        argv, env, notes = launcher.command(str(m.root), sel.plan, sel.flags), sel.plan["env"], sel.plan["warnings"] + sel.flags.notes
+        argv, env, notes = launcher.command(str(m.root), sel.plan, sel.flags), sel.plan.env, sel.plan.warnings + sel.flags.notes
     _output.warnings(notes)
     if dry_run:
         _output.serve_command(env, argv)

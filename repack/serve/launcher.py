@@ -75,32 +75,32 @@ def version_flags(version: str, model: planner.Model, gpu: planner.Gpu, path: st
     return out
 
 
-def command(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1) -> list[str]:
-    args = ["vllm", "serve", model_path, *plan["vllm_args"], *flags.args]
+def command(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1) -> list[str]:
+    args = ["vllm", "serve", model_path, *plan.vllm_args, *flags.args]
     if nodes > 1:
         args += ["--distributed-executor-backend", "ray"]
     return args
 
 
-def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, recipe: dict | None = None) -> str:
+def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1, recipe: dict | None = None) -> str:
     """A bash launcher: preflight (GPU count and memory, vLLM import and version), then ``exec vllm serve``.
     With ``nodes > 1``: the Ray variant (``serve.sh head`` on the first node, ``serve.sh worker HEAD_IP``
     on the others)."""
-    tp = plan["tensor_parallel"]
-    need_mib = int(plan["gpu"]["memory_gib"] * 1024 * 0.98)
+    tp = plan.tensor_parallel
+    need_mib = int(plan.gpu.memory_gib * 1024 * 0.98)
     L = ["#!/usr/bin/env bash"]
     L.append(f"# Serve {model_path} with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.")
     if recipe:
         L.append(f"# recipe: {recipe['name']} ({recipe.get('description', '')})")
-    g = plan["gpu"]
-    L.append(f"# plan: {nodes} node(s) x {tp} GPUs of {g['memory_gib']:g} GiB, cc {g['compute_capability']}, "
-             f"TP {tp}" + (f" x PP {plan['pipeline_parallel']}" if plan["pipeline_parallel"] > 1 else ""))
-    L.append(f"# weights {plan['weights_gib_per_gpu']:.2f} GiB per GPU ({plan['weights_gib_on_gpu']:.2f} GiB on the GPU), "
-             f"KV cache {plan['kv_bytes_per_token']} bytes per token, {plan['kv_cache_gib']:.2f} GiB per GPU")
-    L.append(f"# max context {plan['max_model_len']} tokens at --gpu-memory-utilization {plan['gpu_memory_utilization']:g} "
-             f"(capacity {plan['capacity_tokens']} tokens); fits: {'yes' if plan['fits'] else 'NO: ' + plan['reason']}")
+    g = plan.gpu
+    L.append(f"# plan: {nodes} node(s) x {tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, "
+             f"TP {tp}" + (f" x PP {plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else ""))
+    L.append(f"# weights {plan.weights_gib_per_gpu:.2f} GiB per GPU ({plan.weights_gib_on_gpu:.2f} GiB on the GPU), "
+             f"KV cache {plan.kv_bytes_per_token} bytes per token, {plan.kv_cache_gib:.2f} GiB per GPU")
+    L.append(f"# max context {plan.max_model_len} tokens at --gpu-memory-utilization {plan.gpu_memory_utilization:g} "
+             f"(capacity {plan.capacity_tokens} tokens); fits: {'yes' if plan.fits else 'NO: ' + plan.reason}")
     L.append(f"# flags chosen for vLLM {flags.version}")
-    for w in plan["warnings"] + flags.notes:
+    for w in plan.warnings + flags.notes:
         L.append(f"# warning: {w}")
     L += ["set -euo pipefail", ""]
     if nodes > 1:
@@ -141,9 +141,9 @@ def script(model_path: str, plan: dict, flags: VersionFlags, nodes: int = 1, rec
         L.append('command -v ray >/dev/null 2>&1 || die "ray not on PATH (pip install ray)"')
     L.append('echo "preflight: ${#MEM_MIB[@]} GPUs, vLLM $VLLM_VERSION: ok" >&2')
     L.append("")
-    for k, v in plan.get("env", {}).items():
+    for k, v in plan.env.items():
         L.append(f"export {k}={shlex.quote(v)}")
-    if plan.get("env"):
+    if plan.env:
         L.append("")
     serve = arg_lines(command("$MODEL", plan, flags, nodes)[3:])
     exec_lines = ['exec "$VLLM" serve "$MODEL" \\'] + [f"  {a} \\" for a in serve[:-1]] + [f"  {serve[-1]}"]
@@ -222,7 +222,7 @@ class Selected:
     flags: VersionFlags
 
     @property
-    def plan(self) -> dict:
+    def plan(self) -> planner.MemoryPlan:
         return self.path.plan
 
 
@@ -241,13 +241,13 @@ def select(model: planner.Model, req: planner.Request, wanted: str = "auto", vll
                         "then launch DST" + ("" if wanted != "auto" else "; or choose a path with --path"))
     if not path.fits and not force:
         p = path.plan
-        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']})" for a in p["alternatives"][:4])
+        alts = "; ".join(f"{a['description']} (max context {a['max_model_len']})" for a in p.alternatives[:4])
         fails = "; ".join(c.detail for c in path.tp_checks if not c.ok)
-        raise UserError(f"the plan does not fit: {p['reason'] or fails}" + (f". Alternatives: {alts}" if alts else "")
+        raise UserError(f"the plan does not fit: {p.reason or fails}" + (f". Alternatives: {alts}" if alts else "")
                         + " (--force writes it anyway)")
     flags = version_flags(version, model, req.gpu, path.name, req.speculative)
     topk = dense_topk(model)
-    if topk and path.plan["max_model_len"] > topk:
+    if topk and path.plan.max_model_len > topk:
         flags.notes.append(f"dense-attention fallback: exact up to index_topk={topk} tokens of context, an approximation "
                            "of DeepSeek-V3.2's sparse attention beyond (--dense-context cap limits the context to it)")
     return Selected(report, path, flags)

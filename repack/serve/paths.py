@@ -84,7 +84,7 @@ class TpCheck:
 @dataclass
 class ServingPath:
     name: str
-    plan: dict
+    plan: planner.MemoryPlan
     min_vllm_version: str
     kernel: str
     prepare: list[str]
@@ -95,15 +95,15 @@ class ServingPath:
 
     @property
     def fits(self) -> bool:
-        return bool(self.plan["fits"]) and all(c.ok for c in self.tp_checks)
+        return self.plan.fits and all(c.ok for c in self.tp_checks)
 
     def to_json(self) -> dict:
         p = self.plan
-        return {"name": self.name, "weights_gib_per_gpu": p["weights_gib_per_gpu"], "fits": self.fits,
-                "max_model_len": p["max_model_len"], "min_vllm_version": self.min_vllm_version,
-                "vllm_args": p["vllm_args"], "kernel": self.kernel, "prepare": self.prepare,
-                "runnable": self.runnable, "why_not": self.why_not, "reason": p["reason"],
-                "kv_cache_gib": p["kv_cache_gib"], "capacity_tokens": p["capacity_tokens"],
+        return {"name": self.name, "weights_gib_per_gpu": p.weights_gib_per_gpu, "fits": self.fits,
+                "max_model_len": p.max_model_len, "min_vllm_version": self.min_vllm_version,
+                "vllm_args": p.vllm_args, "kernel": self.kernel, "prepare": self.prepare,
+                "runnable": self.runnable, "why_not": self.why_not, "reason": p.reason,
+                "kv_cache_gib": p.kv_cache_gib, "capacity_tokens": p.capacity_tokens,
                 "measured_speed": self.measured.to_json() if self.measured else None,
                 "tp_checks": [c.to_json() for c in self.tp_checks]}
 
@@ -120,7 +120,7 @@ class PathsReport:
 
     def to_json(self) -> dict:
         """The recommended path's memory plan (the keys ``plan`` always had) plus ``paths`` and ``recommended``."""
-        return {**self.path(self.recommended).plan, "source_bits": self.source_bits,
+        return {**self.path(self.recommended).plan.to_json(), "source_bits": self.source_bits,
                 "paths": [p.to_json() for p in self.paths], "recommended": self.recommended,
                 "recommendation_reason": self.reason}
 
@@ -199,7 +199,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
             else (model, [])
         p = planner.plan(m4, req)
         if dense:
-            p["warnings"].append(note)
+            p.warnings.append(note)
         paths.append(ServingPath(REPACKED, p, REPACKED_MIN_VLLM, kernel(REPACKED, req.gpu.cc, vllm_version), prep,
                                  measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(m4, req.tp, 4)))
         return PathsReport(bits, paths, REPACKED, "the model is already 4-bit: one path")
@@ -214,7 +214,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
                            measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(repacked_model, req.tp, 4))
     if dense:
         for path in (native, repacked):
-            path.plan["warnings"].append(note)
+            path.plan.warnings.append(note)
     if v is not None and v < Version(NATIVE_MIN_VLLM):
         native.runnable, native.why_not = False, f"vLLM {vllm_version} refuses 3-bit checkpoints (needs >= {NATIVE_MIN_VLLM})"
     if engine != "vllm":
@@ -230,17 +230,17 @@ def recommend(native: ServingPath, repacked: ServingPath) -> tuple[str, str]:
     if not native.runnable:
         return REPACKED, native.why_not
     if native.fits and not repacked.fits:
-        return NATIVE, (f"only the native path fits: {native.plan['weights_gib_per_gpu']:.1f} GiB of weights per GPU "
-                        f"against {repacked.plan['weights_gib_per_gpu']:.1f} ({repacked.plan['reason'] or 'tensor-parallel split'})")
+        return NATIVE, (f"only the native path fits: {native.plan.weights_gib_per_gpu:.1f} GiB of weights per GPU "
+                        f"against {repacked.plan.weights_gib_per_gpu:.1f} ({repacked.plan.reason or 'tensor-parallel split'})")
     if repacked.fits and not native.fits:
-        return REPACKED, f"only the repacked path fits ({native.plan['reason'] or 'tensor-parallel split'})"
+        return REPACKED, f"only the repacked path fits ({native.plan.reason or 'tensor-parallel split'})"
     if not native.fits:
         return NATIVE, "neither path fits as planned; the native path needs less memory (see the alternatives)"
     m = repacked.measured
     if m and m.decode_geomean > FASTER:
         return REPACKED, (f"measured {m.decode_geomean:.2f}x the native decode speed on {m.gpu_family} at TP {m.tp} "
                           f"(vLLM {m.vllm}); both fit")
-    extra = native.plan["max_model_len"] - repacked.plan["max_model_len"]
+    extra = native.plan.max_model_len - repacked.plan.max_model_len
     speed = (f"measured decode speed within {FASTER:.2f}x on {m.gpu_family} at TP {m.tp} (ratios "
              + ", ".join(f"batch {b}: {r:.2f}" for b, r in m.decode.items()) + ")") if m else \
         "no measured speed for this GPU family"

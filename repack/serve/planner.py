@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from repack.errors import FormatError, UserError
@@ -526,46 +526,88 @@ def alternatives(model: Model, req: Request, f: Fit) -> list[dict]:
     return out
 
 
-def plan(model: Model, req: Request, native: bool = False) -> dict:
-    """The full plan as a JSON-able dict (stable keys: weights_gib_per_gpu, kv_bytes_per_token, max_model_len,
-    fits, warnings, vllm_args)."""
+@dataclass
+class MemoryPlan:
+    """One serving layout's memory plan; ``to_json()`` gives the stable keys of ``w3repack plan --json``."""
+
+    model: str
+    architecture: str
+    gpu: Gpu
+    tensor_parallel: int
+    pipeline_parallel: int
+    weights_gib_per_gpu: float
+    weights_gib_on_gpu: float
+    weights_gib_per_stage: list[float]
+    weights_gib_by_class: dict[str, float]
+    mtp_bytes_not_loaded: int
+    kv_cache_dtype: str
+    kv_bytes_per_token: int
+    kv_bytes_per_token_attention: int
+    kv_bytes_per_token_indexer: int
+    gpu_memory_utilization: float
+    budget_gib: float
+    allowances_gib: dict
+    kv_cache_gib: float
+    capacity_tokens: int
+    max_model_len: int
+    model_max_position_embeddings: int
+    fits: bool
+    reason: str
+    warnings: list[str]
+    alternatives: list[dict]
+    vllm_args: list[str]
+    env: dict[str, str]
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        g = self.gpu
+        out["gpu"] = {"count": g.count, "memory_gib": g.memory_gib, "compute_capability": g.cc, "name": g.name,
+                      "source": g.source}
+        out["gpus"] = self.gpus
+        return out
+
+
+def plan(model: Model, req: Request, native: bool = False) -> MemoryPlan:
+    """The memory plan of ``model`` served as ``req`` asks; ``native``: served at 3 bits by vLLM >= 0.30."""
     w = weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     f = fit(model, req, w)
     warns = warnings_for(model, req, w, native)
     if req.gpu.source.get("count") == "default" or req.gpu.source.get("memory_gib") == "default":
         warns.insert(0, f"GPU facts assumed (no nvidia-smi, no option): {req.gpu.count} x {req.gpu.memory_gib:g} GiB, "
                         f"cc {req.gpu.cc}; pass --gpus/--gpu-memory/--compute-capability or --recipe")
-    return {
-        "model": str(model.root),
-        "architecture": (model.config.get("architectures") or ["?"])[0],
-        "gpu": {"count": req.gpu.count, "memory_gib": req.gpu.memory_gib, "compute_capability": req.gpu.cc,
-                "name": req.gpu.name, "source": req.gpu.source},
-        "tensor_parallel": req.tp,
-        "pipeline_parallel": req.pp,
-        "gpus": req.tp * req.pp,
-        "weights_gib_per_gpu": f.weights_gib_per_gpu,
-        "weights_gib_on_gpu": f.weights_gib_on_gpu,
-        "weights_gib_per_stage": [round(b / GIB, 3) for b in w.per_stage],
-        "weights_gib_by_class": {k: round(v / GIB, 3) for k, v in sorted(w.by_class.items())},
-        "mtp_bytes_not_loaded": w.skipped_mtp_bytes,
-        "kv_cache_dtype": req.kv_cache_dtype,
-        "kv_bytes_per_token": f.kv_bytes_per_token,
-        "kv_bytes_per_token_attention": f.kv_bytes_per_token_attention,
-        "kv_bytes_per_token_indexer": f.kv_bytes_per_token_indexer,
-        "gpu_memory_utilization": req.utilization,
-        "budget_gib": f.budget_gib,
-        "allowances_gib": f.allowances_gib,
-        "kv_cache_gib": f.kv_cache_gib,
-        "capacity_tokens": f.capacity_tokens,
-        "max_model_len": f.max_model_len,
-        "model_max_position_embeddings": model.max_positions,
-        "fits": f.fits,
-        "reason": f.reason,
-        "warnings": warns,
-        "alternatives": [] if f.fits else alternatives(model, req, f),
-        "vllm_args": vllm_args(req, f),
-        "env": dict(req.env),
-    }
+    return MemoryPlan(
+        model=str(model.root),
+        architecture=(model.config.get("architectures") or ["?"])[0],
+        gpu=req.gpu,
+        tensor_parallel=req.tp,
+        pipeline_parallel=req.pp,
+        weights_gib_per_gpu=f.weights_gib_per_gpu,
+        weights_gib_on_gpu=f.weights_gib_on_gpu,
+        weights_gib_per_stage=[round(b / GIB, 3) for b in w.per_stage],
+        weights_gib_by_class={k: round(v / GIB, 3) for k, v in sorted(w.by_class.items())},
+        mtp_bytes_not_loaded=w.skipped_mtp_bytes,
+        kv_cache_dtype=req.kv_cache_dtype,
+        kv_bytes_per_token=f.kv_bytes_per_token,
+        kv_bytes_per_token_attention=f.kv_bytes_per_token_attention,
+        kv_bytes_per_token_indexer=f.kv_bytes_per_token_indexer,
+        gpu_memory_utilization=req.utilization,
+        budget_gib=f.budget_gib,
+        allowances_gib=f.allowances_gib,
+        kv_cache_gib=f.kv_cache_gib,
+        capacity_tokens=f.capacity_tokens,
+        max_model_len=f.max_model_len,
+        model_max_position_embeddings=model.max_positions,
+        fits=f.fits,
+        reason=f.reason,
+        warnings=warns,
+        alternatives=[] if f.fits else alternatives(model, req, f),
+        vllm_args=vllm_args(req, f),
+        env=dict(req.env),
+    )
 
 
 def nvidia_smi() -> Gpu | None:
