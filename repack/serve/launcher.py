@@ -18,7 +18,7 @@ from packaging.version import InvalidVersion, Version
 
 from repack.errors import UserError
 from repack.serve import paths, planner, recipes
-from repack.serve.shell import arg_lines, dq
+from repack.serve.shell import PREFLIGHT_GPUS, arg_lines, dq
 
 DEFAULT_VLLM = "0.33.0"
 RAY_PORT = 6379
@@ -119,17 +119,7 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
     if nodes > 1:
         L += [f"NODES={nodes}", f'RAY_PORT="${{RAY_PORT:-{RAY_PORT}}}"']
     L += ["",
-          'die() { echo "preflight: $*" >&2; exit 1; }',
-          'version_ge() { [ "$(printf \'%s\\n%s\\n\' "$1" "$2" | sort -V | head -n 1)" = "$2" ]; }',
-          "",
-          'command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: no NVIDIA driver here"',
-          'mapfile -t MEM_MIB < <(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)',
-          '[ "${#MEM_MIB[@]}" -ge "$NEED_GPUS" ] || die "${#MEM_MIB[@]} GPUs found, the plan needs $NEED_GPUS"',
-          'for i in "${!MEM_MIB[@]}"; do',
-          '  mib="${MEM_MIB[$i]%%.*}"',
-          '  mib="${mib// /}"',
-          '  [ "$mib" -ge "$NEED_MIB" ] || die "GPU $i has $mib MiB, the plan assumes at least $NEED_MIB MiB"',
-          'done',
+          *PREFLIGHT_GPUS,
           'VLLM_VERSION="$("$PYTHON" -c \'import vllm; print(vllm.__version__)\' 2>/dev/null)" \\',
           '  || die "cannot import vllm with $PYTHON (pip install vllm, or set PYTHON=/path/to/venv/bin/python)"',
           'VLLM_VERSION="${VLLM_VERSION%%+*}"',

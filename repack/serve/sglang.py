@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from repack.errors import UserError
 from repack.serve import planner
-from repack.serve.shell import arg_lines, dq
+from repack.serve.shell import PREFLIGHT_GPUS, arg_lines, dq
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
@@ -394,17 +394,7 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
           f"NEED_MIB={need_mib}",
           f"MIN_SGLANG={launch.min_version}",
           "",
-          'die() { echo "preflight: $*" >&2; exit 1; }',
-          'version_ge() { [ "$(printf \'%s\\n%s\\n\' "$1" "$2" | sort -V | head -n 1)" = "$2" ]; }',
-          "",
-          'command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: no NVIDIA driver here"',
-          'mapfile -t MEM_MIB < <(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)',
-          '[ "${#MEM_MIB[@]}" -ge "$NEED_GPUS" ] || die "${#MEM_MIB[@]} GPUs found, the plan needs $NEED_GPUS"',
-          'for i in "${!MEM_MIB[@]}"; do',
-          '  mib="${MEM_MIB[$i]%%.*}"',
-          '  mib="${mib// /}"',
-          '  [ "$mib" -ge "$NEED_MIB" ] || die "GPU $i has $mib MiB, the plan assumes at least $NEED_MIB MiB"',
-          'done',
+          *PREFLIGHT_GPUS,
           'SGLANG_VERSION="$("$PYTHON" -c \'import importlib.metadata as m; print(m.version("sglang"))\' 2>/dev/null)" \\',
           '  || die "sglang is not installed for $PYTHON (pip install sglang, or set PYTHON=/path/to/venv/bin/python)"',
           'SGLANG_VERSION="${SGLANG_VERSION%%+*}"',
