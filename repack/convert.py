@@ -47,7 +47,7 @@ class Result:
             "source_bytes": plan.src_shard_bytes,
             "output_bytes": plan.out_shard_bytes,
             "seconds": round(self.seconds, 3),
-            "mb_per_s": round(plan.src_shard_bytes / 1e6 / max(self.seconds, 1e-9), 1),
+            "mib_per_s": round(plan.src_shard_bytes / 2**20 / max(self.seconds, 1e-9), 1),
             "module_classes": plan.counts(),
             "float_modules": plan.float_modules,
             "copied_files": plan.extra_files,
@@ -108,33 +108,52 @@ def _execute(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
     out.start(fp, kept)
     spread = workers < cores()  # spare cores: each shard's output is hashed on a thread of its own
     written: list[str] = []
+    fetching: set[str] = set()  # shards whose source is being brought to disk (a download sees no stop flag)
     with run.progress("convert", plan.src_shard_bytes) as progress:
+        shard_done = getattr(progress, "shard_done", None)
+        if hasattr(progress, "shards"):
+            progress.shards = len(todo)
         for s in plan.shards:
             if s.name in kept:
                 progress(s.src_size)
 
         def job(sp: ShardPlan) -> None:
-            source.ensure(sp)
+            if stop.is_set():
+                raise Stopped()
+            fetching.add(sp.name)
+            try:
+                source.ensure(sp)
+            finally:
+                fetching.discard(sp.name)
+            if stop.is_set():
+                raise Stopped()
             hashes = convert_shard(plan, sp, out, stop, progress, run.hashes, spread)
             out.commit_shard(sp.name, hashes)
             written.append(sp.name)
             source.release(plan, sp, out)
+            if shard_done is not None:
+                shard_done(sp.name)
 
-        _run_jobs(job, sorted(todo, key=lambda s: -s.src_size), workers, stop)
+        _run_jobs(job, sorted(todo, key=lambda s: -s.src_size), workers, stop, fetching)
     copied = [FileRecord(rel, None, out.copy_in(plan.ckpt.root / rel, rel, stop)) for rel in plan.extra_files]
     for name, data in plan.metadata_files().items():
         out.write_file(name, data)
-    manifest = build_manifest(plan, out, fp, copied)
+    manifest = build_manifest(plan, out, fp, copied, manifest_source_name(source))
     source.finish(plan, out, manifest)
     out.finish(manifest)
     source.close(plan)
     return Result(plan, out.path, source.label(), manifest, time.monotonic() - t0, written, sorted(kept))
 
 
-def _run_jobs(job, items: list[ShardPlan], workers: int, stop: threading.Event) -> None:
-    """``job`` over ``items`` on ``workers`` threads; the first failure (or Ctrl-C) sets ``stop`` and is raised."""
+def _run_jobs(job, items: list[ShardPlan], workers: int, stop: threading.Event, fetching: set[str] | None = None) -> None:
+    """``job`` over ``items`` on ``workers`` threads; the first failure (or Ctrl-C) sets ``stop`` and is raised.
+
+    On the way out, shard workers (which see ``stop`` within a chunk and remove their partial file) get up to
+    ``STOP_GRACE_S``; a worker inside a download (``fetching``) is not waited for: the download sees no stop
+    flag, nothing of it is kept, and the process exits without it.
+    """
     ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w3repack")
-    futures = [ex.submit(job, sp) for sp in items]
+    futures = {ex.submit(job, sp): sp.name for sp in items}
     try:
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
@@ -144,18 +163,30 @@ def _run_jobs(job, items: list[ShardPlan], workers: int, stop: threading.Event) 
     except BaseException:
         stop.set()
         ex.shutdown(wait=False, cancel_futures=True)
-        # shard workers see `stop` within a chunk; a hub download may not (wait() never sees a cancelled future done)
-        wait([f for f in futures if not f.cancelled()], timeout=STOP_GRACE_S)
+        deadline = time.monotonic() + STOP_GRACE_S
+        busy = fetching if fetching is not None else set()
+        while time.monotonic() < deadline:
+            left = [f for f, name in futures.items() if not f.done() and not f.cancelled() and name not in busy]
+            if not left:
+                break
+            wait(left, timeout=0.05)
         raise
     ex.shutdown()
 
 
-def build_manifest(plan: Plan, out: Output, fp: dict, copied: list[FileRecord]) -> Manifest:
+def manifest_source_name(source: Source) -> str:
+    """How the manifest names the source: the hub repo and commit, or a local folder's name only (the manifest
+    is uploaded with the model; no absolute local path goes into it)."""
+    repo = getattr(source, "repo", "")
+    return source.label() if repo else source.root.resolve().name
+
+
+def build_manifest(plan: Plan, out: Output, fp: dict, copied: list[FileRecord], source_name: str | None = None) -> Manifest:
     done = {s.name: out.finished(s.name) or ShardHashes(None, None) for s in plan.shards}
     return Manifest(
         fingerprint=fp,
         options=plan.options.to_json(),
-        source_path=str(plan.ckpt.root.resolve()),
+        source_path=source_name or plan.ckpt.root.resolve().name,
         source_files=[FileRecord(s.name, s.src_size, done[s.name].source_sha256) for s in plan.shards],
         output_shards=[FileRecord(s.name, s.out_size, done[s.name].sha256) for s in plan.shards],
         copied_files=copied,

@@ -14,6 +14,7 @@ from repack.errors import UserError
 from repack.output import MANIFEST_NAME
 from repack.plan import Options
 from repack.run import RunConfig
+from repack.ui import snake_keys
 from repack.verify import Report, verify
 
 
@@ -30,7 +31,7 @@ class DemoResult:
         return self.report.ok and self.flipped is not None
 
     def to_json(self) -> dict:
-        return {"source": str(self.source), "output": str(self.output), "convert": self.converted.plan.counts(),
+        return {"source": str(self.source), "output": str(self.output), "convert": snake_keys(self.converted.plan.counts()),
                 "verify": self.report.to_json(), "flipped_bit_detected": self.flipped}
 
 

@@ -34,6 +34,34 @@ def offline() -> bool:
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
+def unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub endpoint (``HF_ENDPOINT``) cannot be reached at all, or None: one TCP connection, at most
+    ``timeout`` seconds, instead of huggingface_hub's retries (tens of seconds). Not judged behind a proxy."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    u = urlsplit(constants.ENDPOINT)
+    if not u.hostname:
+        return None
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def go_offline() -> None:
+    """Use the local hub cache only, as with ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+
+
 def quiet() -> None:
     """No progress bars or retry chatter from huggingface_hub: the CLI prints one line per outcome."""
     from huggingface_hub.utils import disable_progress_bars, logging

@@ -30,8 +30,13 @@ def upload_ops(dst: Path, card_text: str) -> list[UploadOp]:
     return ops
 
 
-def push(dst: Path, repo_id: str, private: bool = False, dry_run: bool = False, verify_report: dict | None = None) -> dict:
-    """Upload DST to ``repo_id`` with a generated model card. ``dry_run`` builds the card and file list only."""
+def push(dst: Path, repo_id: str, private: bool = False, dry_run: bool = False, verify_report: dict | None = None,
+         revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
+         token: str | None = None) -> dict:
+    """Upload DST to ``repo_id`` with a generated model card, as one commit (``hf upload``'s options:
+    ``revision`` a branch, created if missing; ``create_pr`` opens a pull request instead). ``dry_run`` builds the
+    card and file list only. Re-running after an interruption uploads again only what the hub lacks (large files
+    are stored by content hash)."""
     from repack import card
 
     dst = Path(dst)
@@ -40,25 +45,25 @@ def push(dst: Path, repo_id: str, private: bool = False, dry_run: bool = False, 
     finished_output(dst)
     text = card.build_card(dst, repo_id, verify_report=verify_report)
     ops = upload_ops(dst, text)
-    summary = {"repo": repo_id, "private": private, "dry_run": dry_run, "card": text,
+    message = commit_message or "Upload w3repack 4-bit GPTQ repack"
+    summary = {"repo": repo_id, "private": private, "dry_run": dry_run, "revision": revision or "main",
+               "create_pr": create_pr, "commit_message": message, "card": text,
                "files": [{"path": o.path_in_repo, "bytes": o.size, "generated": o.local is None} for o in ops],
                "bytes": sum(o.size for o in ops)}
     if dry_run:
         return summary
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    api = HfApi()
+    api = HfApi(token=token)
     with hub_errors(f"push to {repo_id}"):
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        large = getattr(api, "upload_large_folder", None)
-        if large is not None:
-            large(repo_id=repo_id, folder_path=str(dst), repo_type="model", ignore_patterns=UPLOAD_IGNORE)
-        else:
-            api.upload_folder(repo_id=repo_id, folder_path=str(dst), repo_type="model", ignore_patterns=UPLOAD_IGNORE,
-                              commit_message="Upload w3repack 4-bit GPTQ repack")
-        info = api.upload_file(path_or_fileobj=text.encode(), path_in_repo="README.md", repo_id=repo_id,
-                               repo_type="model", commit_message="Model card (w3repack)")
-    summary["url"] = str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        adds = [CommitOperationAdd(path_in_repo=o.path_in_repo, path_or_fileobj=str(o.local) if o.local else text.encode())
+                for o in ops]
+        info = api.create_commit(repo_id, adds, commit_message=message, repo_type="model", revision=revision,
+                                 create_pr=create_pr)
+    summary["url"] = str(getattr(info, "pr_url", None) or getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
     return summary
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from repack.checkpoint import Checkpoint
 from repack.plan import Plan
+from repack.qconfig import CONVERTED_BITS
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,24 @@ class InspectReport:
     convert: ConvertPreview
     warnings: list[str] = field(default_factory=list)
 
+    needs_conversion: bool = True
+
     def to_json(self) -> dict:
-        return asdict(self)
+        """Stable snake_case keys (``module_classes`` keys too: ``3_bit_to_4_bit``, ``4_bit_passthrough``, ...)."""
+        from repack.ui import snake_keys
+
+        d = asdict(self)
+        d["convert"]["module_classes"] = snake_keys(d["convert"]["module_classes"])
+        return d
 
 
-def inspect_report(ckpt: Checkpoint, plan: Plan) -> InspectReport:
+def inspect_report(ckpt: Checkpoint, plan: Plan, label: str | None = None) -> InspectReport:
     qc = ckpt.quant_config
     widths = Counter(m.bits for m in ckpt.modules.values())
     groups = Counter(m.group_size for m in ckpt.modules.values())
     mismatched = sorted(p for p, m in ckpt.modules.items() if m.bits != qc.get("bits"))
     return InspectReport(
-        path=str(ckpt.root),
+        path=label or str(ckpt.root),
         architecture=(ckpt.config.get("architectures") or [None])[0],
         model_type=ckpt.config.get("model_type"),
         quantization_config={k: qc.get(k) for k in ("quant_method", "packing_format", "bits", "group_size", "sym", "data_type")},
@@ -80,4 +88,5 @@ def inspect_report(ckpt: Checkpoint, plan: Plan) -> InspectReport:
             skipped_files=plan.skipped_files,
         ),
         warnings=ckpt.warnings,
+        needs_conversion=plan.options.target != "repack" or any(m.bits in CONVERTED_BITS for m in ckpt.modules.values()),
     )

@@ -184,7 +184,7 @@ def test_sigkill_mid_run_then_resume(source, hf_home, tmp_path):
     man = json.loads((dst / "w3repack.json").read_text())
     assert man["verify"]["ok"] is True and man["verify"]["shards"] == man["verify"]["of_shards"] == out["shards"]
     assert sum(man["verify"]["tensors_checked"].values()) > 0
-    r = cli(hf_home, "push", dst, "me/tiny-w4", "--dry-run")
+    r = cli(hf_home, "push", "me/tiny-w4", dst, "--dry-run")
     assert r.returncode == 0, r.stderr
     n = out["shards"]
     assert "**identical**" in r.stdout and f"before the source shard was deleted; {n} of {n} shards" in r.stdout
@@ -253,7 +253,7 @@ def hub_converted(source, tmp_path_factory) -> Path:
 def test_push_dry_run_card_and_operations(hub_converted, tmp_path):
     converted = hub_converted
     before = {p: p.stat().st_mtime_ns for p in converted.rglob("*")}
-    r = cli(tmp_path / "hf", "push", converted, "me/tiny-w4", "--private", "--dry-run", "--json")
+    r = cli(tmp_path / "hf", "push", "me/tiny-w4", converted, "--private", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["dry_run"] and out["private"] and out["repo"] == "me/tiny-w4"
@@ -295,7 +295,7 @@ def test_card_carries_verify_summary_and_degrades_without_source_card(hub_conver
 
 
 def test_push_refuses_unfinished_output(source, tmp_path):
-    r = cli(tmp_path / "hf", "push", source[0], "me/x", "--dry-run")
+    r = cli(tmp_path / "hf", "push", "me/x", source[0], "--dry-run")
     assert r.returncode == 2 and "not a finished w3repack output" in r.stderr
 
 

@@ -39,6 +39,8 @@ def inspect(rep: InspectReport, json_out: bool) -> None:
     for k, v in c.module_classes.items():
         o.print(f"    {k:<26} {v}")
     o.print(f"  output            {ui.human(c.output_shard_bytes)} of shards (x{c.growth:.3f}), {ui.human(c.output_total_bytes)} in all")
+    if not rep.needs_conversion:
+        o.print("  [yellow]nothing to convert[/]: no module is narrower than 4 bits (vLLM serves it as it is)")
     for w in rep.warnings:
         o.print(f"  [yellow]warning:[/] {w}")
 
@@ -46,16 +48,45 @@ def inspect(rep: InspectReport, json_out: bool) -> None:
 def converted(res: Result, json_out: bool) -> None:
     summary = res.summary()
     if json_out:
-        ui.print_json(summary)
+        ui.print_json({**summary, "module_classes": ui.snake_keys(summary["module_classes"])})
         return
     o = ui.out
     o.print(f"[green]converted[/] {summary['source']} -> {summary['output']}")
     o.print(f"  {summary['shards']} shards ({summary['shards_written']} written, {summary['shards_kept']} kept from an earlier run), "
             f"{ui.human(summary['source_bytes'])} -> {ui.human(summary['output_bytes'])} in {summary['seconds']:.2f} s "
-            f"({summary['mb_per_s']} MB/s)")
+            f"({summary['mib_per_s']} MiB/s)")
     for k, v in summary["module_classes"].items():
         o.print(f"    {k:<26} {v}")
     o.print(f"  manifest {summary['manifest']}; check it with: w3repack verify {summary['source']} {summary['output']}")
+
+
+OP_WORDS = {"copy": "byte-identical", "transcode": "codes transcoded to 4-bit", "zeros": "zero points",
+            "dequant": "dequantized to float32", "drop": "left out"}
+
+
+def tensor_counts(tensors: dict[str, int]) -> str:
+    """verify's per-op counts in words (the JSON keeps the op names as keys)."""
+    return ", ".join(f"{v} {OP_WORDS.get(k, k)}" for k, v in tensors.items())
+
+
+def dry_run(plan, source: str, dst, fetch: list, json_out: bool) -> None:
+    """``convert --dry-run``: what would be done, the sizes, and that the free-space check passed."""
+    need_fetch = sum(n for _, n in fetch)
+    summary = {"dry_run": True, "source": source, "output": str(dst), "shards": len(plan.shards),
+               "source_bytes": plan.src_shard_bytes, "output_bytes": plan.out_shard_bytes,
+               "output_total_bytes": plan.out_total_bytes(), "bytes_to_fetch": need_fetch, "free_space_ok": True,
+               "module_classes": ui.snake_keys(plan.counts()), "float_modules": plan.float_modules,
+               "copied_files": plan.extra_files, "options": plan.options.to_json()}
+    if json_out:
+        ui.print_json(summary)
+        return
+    o = ui.out
+    o.print(f"[bold]dry run[/]: {source} -> {dst} (nothing written)")
+    o.print(f"  {len(plan.shards)} shards, {ui.human(plan.src_shard_bytes)} -> {ui.human(plan.out_shard_bytes)} of shards, "
+            f"{ui.human(plan.out_total_bytes())} in all" + (f"; {ui.human(need_fetch)} to fetch from the hub" if need_fetch else ""))
+    for k, v in plan.counts().items():
+        o.print(f"    {k:<26} {v}")
+    o.print("  free space: enough for the output" + (" and the shards to fetch" if need_fetch else ""))
 
 
 def verified(rep: Report, json_out: bool) -> None:
@@ -64,7 +95,7 @@ def verified(rep: Report, json_out: bool) -> None:
     elif rep.ok:
         n = sum(rep.tensors.values())
         ui.out.print(f"[green]identical[/]: {n} tensors checked bit for bit ("
-                     + ", ".join(f"{k} {v}" for k, v in rep.tensors.items())
+                     + tensor_counts(rep.tensors)
                      + f"), {ui.human(rep.src_bytes)} source, {ui.human(rep.dst_bytes)} output, {rep.seconds:.2f} s")
     else:
         ui.out.print(f"[red]DIFFERENT[/]: {rep.differences[0].line()}")
@@ -98,7 +129,7 @@ def demo(d: DemoResult, json_out: bool) -> None:
     o.print("[bold]2. converted[/] it to 4-bit GPTQ (w3repack convert):")
     converted(res, False)
     o.print("[bold]3. verified[/]: " + ("[green]identical[/]" if rep.ok else "[red]DIFFERENT[/]")
-            + f", {sum(rep.tensors.values())} tensors: " + ", ".join(f"{k} {v}" for k, v in rep.tensors.items()))
+            + f", {sum(rep.tensors.values())} tensors: " + tensor_counts(rep.tensors))
     o.print("[bold]4. tamper check[/]: one flipped bit in a copy of the output is " + ("[green]caught[/]" if d.flipped else "[red]NOT caught[/]"))
     if d.flipped:
         o.print(f"   {d.flipped}", markup=False)
@@ -209,7 +240,7 @@ def smoke(rep: SmokeReport, json_out: bool) -> None:
 
 def recipes(items: list[dict], json_out: bool) -> None:
     if json_out:
-        ui.print_json(items)
+        ui.print_json({"recipes": items})
         return
     for r in items:
         hw = r["hardware"]

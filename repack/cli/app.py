@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: no BLAS here, and idle BLAS threads spin
 
 import gc  # noqa: E402
+import sys  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -18,8 +19,8 @@ app = typer.Typer(
     name="w3repack",
     help="Losslessly repack 3-bit AutoRound/GPTQ checkpoints into 4-bit GPTQ that stock vLLM serves with Marlin.",
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 _debug = {"on": False}
 
@@ -32,10 +33,33 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (accepted anywhere on the command line)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (accepted anywhere on the command line)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail: one line per shard, download detail (accepted anywhere)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    _debug["on"] = debug
+    _debug["on"] = _debug["on"] or debug
+    if quiet or verbose:
+        ui.set_verbosity(-1 if quiet else 1)
+
+
+GLOBAL_FLAGS = {"--debug": "debug", "--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
+
+
+def split_global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """Take ``--debug``, ``-q``/``--quiet`` and ``-v``/``--verbose`` out of ``argv`` wherever they stand (up to a
+    ``--``); returns the rest and the flags found. A bare command line becomes ``--help``."""
+    rest: list[str] = []
+    found: set[str] = set()
+    for i, a in enumerate(argv):
+        if a == "--":
+            rest += argv[i:]
+            break
+        if a in GLOBAL_FLAGS:
+            found.add(GLOBAL_FLAGS[a])
+        else:
+            rest.append(a)
+    return (rest or ["--help"]), found
 
 
 for group in (convert, hub, serve):
@@ -45,8 +69,12 @@ for group in (convert, hub, serve):
 def main() -> None:
     """Entry point: run the app; map exceptions to one-line messages and exit codes."""
     gc.freeze()  # the imported modules' objects need no collecting; later collections scan only what runs create
+    args, flags = split_global_flags(sys.argv[1:])
+    _debug["on"] = "debug" in flags
+    if flags & {"quiet", "verbose"}:
+        ui.set_verbosity(-1 if "quiet" in flags else 1)
     try:
-        rv = app(standalone_mode=False)
+        rv = app(args=args, prog_name="w3repack", standalone_mode=False)
     except BaseException as e:  # noqa: BLE001 - the table decides, including SystemExit-like click exits
         if isinstance(e, SystemExit):
             raise

@@ -61,15 +61,18 @@ def inspect(
     dense_attention: bool = _DENSE,
     target: Target = _TARGET,
 ) -> None:
-    """Show architecture, quantization, per-module widths (from shapes) and what convert would do."""
-    from repack.checkpoint import open_checkpoint
+    """Show architecture, quantization, per-module widths (from shapes) and what convert would do.
+
+    A hub repo (org/name[@revision]) is read from its configs and shard headers alone (HTTP range requests):
+    no shard is downloaded."""
     from repack.plan import build_plan
     from repack.report import inspect_report
-    from repack.sources import resolve_local
+    from repack.sources import open_source, read_checkpoint
 
-    ckpt = open_checkpoint(resolve_local(src))
+    source = open_source(src)
+    ckpt = read_checkpoint(source)
     options = _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)
-    _output.inspect(inspect_report(ckpt, build_plan(ckpt, options)), json_out)
+    _output.inspect(inspect_report(ckpt, build_plan(ckpt, options), source.label()), json_out)
 
 
 def convert(
@@ -93,16 +96,38 @@ def convert(
         "Hub source: delete each cached source shard once its output shard is finished (peak disk: output + one shard).")),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the result to this hub repo (org/name) with a generated model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=(
+        "Plan only: what convert would do, output size and the free-space check; nothing is written or downloaded "
+        "(a hub source is read from its configs and shard headers).")),
 ) -> None:
-    """Convert every 2/3-bit symmetric module to 4-bit GPTQ (or, --target native, keep it); everything else byte-identical."""
-    from repack.convert import convert as run_convert
-    from repack.run import RunConfig
-    from repack.sources import open_source
+    """Convert every 2/3-bit symmetric module to 4-bit GPTQ (or, --target native, keep it); everything else byte-identical.
+
+    An input that needs no conversion (no 2/3-bit module, or already a w3repack output) is reported, exit 0."""
+    from repack.convert import execute
+    from repack.output import Output
+    from repack.plan import build_plan
+    from repack.run import RunConfig, effective_workers
+    from repack.sources import nothing_to_convert, open_source
 
     source = open_source(src, revision, delete_source_shards)
     run = RunConfig(workers=workers, overwrite=overwrite, hashes=hashes, progress=_progress())
     options = _options(quant_method, kv_b_float, indexer_float, mtp_float, dense_attention, target)
-    res = run_convert(source, dst, options, run)
+    out = Output(Path(dst))
+    nothing_to_convert(source)
+    if dry_run:
+        from repack.sources import read_checkpoint
+
+        ckpt = read_checkpoint(source, out)
+    else:
+        ckpt = source.checkpoint(out, options)
+    plan = build_plan(ckpt, options)
+    nothing_to_convert(source, plan)
+    if dry_run:
+        fetch = source.space_needed(plan.shards, effective_workers(workers or source.default_workers, len(plan.shards)))
+        out.check_space(plan.out_total_bytes(), fetch, source.space_hint)
+        _output.dry_run(plan, source.label(), dst, fetch, json_out)
+        return
+    res = execute(plan, out, run, source)
     _output.converted(res, json_out and not push_to_hub)
     if push_to_hub:
         from repack.push import push_converted
@@ -121,7 +146,7 @@ def verify(
     from repack.sources import resolve_local
     from repack.verify import verify as run_verify
 
-    rep = run_verify(resolve_local(src), dst, workers=workers, progress=_progress(False if json_out else None))
+    rep = run_verify(resolve_local(src), dst, workers=workers, progress=_progress())
     _output.verified(rep, json_out)
     if not rep.ok:
         raise Mismatch(rep.differences[0].line())

@@ -56,11 +56,33 @@ class Source(Protocol):
         """After the manifest is written."""
 
 
-def open_source(src: str, revision: str | None = None, delete_source_shards: bool = False) -> Source:
-    """A local folder, or ``org/name[@revision]`` fetched shard by shard through huggingface_hub."""
+def is_hub_id(src: str) -> bool:
+    """The rule that tells a hub repo id from a local path, decided before anything is fetched.
+
+    A local path: anything that exists here; anything starting with ``.``, ``/`` or ``~``; anything that is not
+    of the form ``org/name[@revision]``; and ``org/name`` where a folder ``org`` exists here (a missing folder
+    inside it is meant). Everything else (``org/name`` with no local ``org/``) is a hub repo id.
+    """
     from repack.hubclient import parse_repo_id
 
-    if parse_repo_id(src) is not None:
+    if parse_repo_id(src) is None:
+        return False
+    return not Path(src.partition("/")[0]).expanduser().is_dir()
+
+
+def missing_local(src: str) -> UserError:
+    """The one line for a local source that is not there."""
+    org = src.partition("/")[0]
+    if src.count("/") == 1 and not src.startswith((".", "/", "~")) and Path(org).expanduser().is_dir():
+        return UserError(f"{src}: source not found: no such folder in {org}/ (as ./{org} exists here, {src} is read "
+                         "as a local path, not as a hub repo id)")
+    return UserError(f"{src}: source not found: no such file or folder")
+
+
+def open_source(src: str, revision: str | None = None, delete_source_shards: bool = False) -> Source:
+    """A local folder, or ``org/name[@revision]`` fetched shard by shard through huggingface_hub (see
+    :func:`is_hub_id` for the rule)."""
+    if is_hub_id(src):
         from repack.sources.hub import HubSource
 
         return HubSource.open(src, revision, delete_source_shards)
@@ -70,18 +92,50 @@ def open_source(src: str, revision: str | None = None, delete_source_shards: boo
         raise UserError("--revision applies to hub sources (org/name) only")
     from repack.sources.folder import FolderSource
 
-    path = resolve_local(src)
+    path = Path(src).expanduser()
     if not path.exists():
-        raise UserError(f"{src}: source not found")
+        raise missing_local(src)
     return FolderSource(path)
 
 
 def resolve_local(src: str | Path) -> Path:
-    """A local checkpoint folder for ``src``; a repo id that is not a local path is looked up in the hub cache."""
+    """A local checkpoint folder for ``src``; a hub repo id (:func:`is_hub_id`) is looked up in the hub cache."""
     src = str(src)
     p = Path(src).expanduser()
-    if p.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+    if p.exists() or not is_hub_id(src):
         return p
     from repack.hubclient import snapshot_from_cache
 
     return snapshot_from_cache(src)
+
+
+def read_checkpoint(source: Source, out: Output | None = None) -> Checkpoint:
+    """Configs, index and shard headers of ``source``, changing nothing anywhere (``inspect``, ``convert
+    --dry-run``): a hub source's headers come from its cache, ``out``'s saved copies or range requests."""
+    import os
+
+    from repack.checkpoint import open_checkpoint
+    from repack.output import Output
+
+    headers = getattr(source, "headers", None)
+    if headers is None:
+        return open_checkpoint(source.root)
+    return open_checkpoint(source.root, headers(out or Output(Path(os.devnull))))
+
+
+def nothing_to_convert(source: Source, plan: Plan | None = None) -> None:
+    """Raise NothingToDo (exit 0, one line) where ``source`` needs no conversion: it is a w3repack output, or, for
+    the repack target, no module is narrower than 4 bits."""
+    from repack.errors import NothingToDo
+    from repack.output import MANIFEST_NAME
+    from repack.qconfig import CONVERTED_BITS
+
+    name = source.label()
+    if (source.root / MANIFEST_NAME).is_file():
+        raise NothingToDo(f"{name} is already a w3repack output ({MANIFEST_NAME}): nothing to convert; "
+                          "`w3repack verify SOURCE OUTPUT` checks one against its source")
+    if plan is not None and plan.options.target == "repack" and not any(m.bits in CONVERTED_BITS for m in plan.ckpt.modules.values()):
+        widths = sorted({m.bits for m in plan.ckpt.modules.values()})
+        raise NothingToDo(f"{name} needs no conversion: every quantized module is already "
+                          + ("/".join(map(str, widths)) + "-bit" if widths else "unquantized")
+                          + " (vLLM serves it as it is)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from repack.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint, read_index
 from repack.errors import FormatError, Mismatch, NothingToDo, UserError
-from repack.hubclient import download, fetch_header_prefix, hub_errors, offline, parse_repo_id, quiet
+from repack.hubclient import download, fetch_header_prefix, go_offline, hub_errors, offline, parse_repo_id, quiet, unreachable
 from repack.output import Manifest, ManifestError, Output
 from repack.plan import Options, Plan, ShardPlan
 from repack.safetensors_io import Header, parse_header, read_prefix
@@ -54,6 +54,18 @@ class HubSource(FolderSource):
         if revision and rev and revision != rev:
             raise UserError(f"{src}: --revision {revision} contradicts @{rev}")
         rev = revision or rev
+        if not offline():
+            why = unreachable()
+            if why is not None:
+                try:
+                    download(repo, CONFIG_NAME, rev, local_only=True)
+                except UserError:
+                    raise UserError(f"{src}: no such local folder, and as a hub repo id: {why} "
+                                    "(HF_HUB_OFFLINE=1 uses the local hub cache only)") from None
+                from repack import ui
+
+                ui.err.print(f"warning: {why}; using the cached snapshot of {src}", markup=False)
+                go_offline()
         root = download(repo, CONFIG_NAME, rev).parent
         commit = root.name
         try:
@@ -150,8 +162,15 @@ class HubSource(FolderSource):
 
     def ensure(self, sp: ShardPlan) -> None:
         """One download at a time; the fetched shard must be the one planned (size and header bytes)."""
+        from repack import ui
+
         with self.lock:
-            path = download(self.repo, sp.name, self.commit)
+            if (self.root / sp.name).is_file():
+                path = download(self.repo, sp.name, self.commit)
+            else:
+                blobs = self.repo_cache / "blobs"
+                with ui.fetching(sp.name, sp.src_size, lambda: ui.incomplete_bytes(blobs)):
+                    path = download(self.repo, sp.name, self.commit)
         if path.stat().st_size != sp.src_size or read_prefix(path)[0] != self.prefixes.get(sp.name):
             raise FormatError(f"{path}: fetched shard does not match the header it was planned from")
 
