@@ -133,46 +133,43 @@ def test_unrecorded_hashes_read_not_recorded(traps_ckpt, tmp_path):
     assert all(ln.count("`not recorded`") == 2 for ln in rows)
 
 
-def test_push_creates_private_repo_uploads_folder_then_card(out_copy, monkeypatch):
+def test_push_creates_private_repo_and_one_commit_with_the_card(out_copy, monkeypatch):
+    """``hf upload`` conventions: the repo is created (private), a branch for --revision, then one commit holding
+    every visible file and the generated card, with the commit message and --create-pr passed on."""
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
 
     calls = []
 
     class FakeApi:
         def __init__(self, *a, **kw):
-            pass
+            calls.append(("init", a, kw))
 
         def create_repo(self, *args, **kw):
             calls.append(("create_repo", args, kw))
 
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", (), kw))
+        def create_branch(self, *args, **kw):
+            calls.append(("create_branch", args, kw))
 
-        def upload_file(self, **kw):
-            calls.append(("upload_file", (), kw))
-            return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
+        def create_commit(self, *args, **kw):
+            calls.append(("create_commit", args, kw))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{args[0]}/commit/abc", "pr_url": None})()
 
-    folder_op = "upload_folder"
-    if hasattr(huggingface_hub.HfApi, "upload_large_folder"):
-        folder_op = "upload_large_folder"
-        FakeApi.upload_large_folder = lambda self, **kw: calls.append(("upload_large_folder", (), kw))
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     (out_copy / ".w3repack").mkdir(exist_ok=True)
     (out_copy / ".w3repack" / "state.json").write_text("{}")
     (out_copy / ".hidden").write_text("x")
 
-    summary = push.push(out_copy, REPO, private=True)
-    assert [c[0] for c in calls] == ["create_repo", folder_op, "upload_file"]
-    assert calls[0][1] == (REPO,) and calls[0][2] == {"repo_type": "model", "private": True, "exist_ok": True}
-    up = calls[1][2]
-    assert (up["repo_id"], up["folder_path"], up["repo_type"]) == (REPO, str(out_copy), "model")
+    summary = push.push(out_copy, REPO, private=True, revision="w4", commit_message="hello", token="hf_x")
+    assert [c[0] for c in calls] == ["init", "create_repo", "create_branch", "create_commit"]
+    assert calls[0][2] == {"token": "hf_x"}
+    assert calls[1][1] == (REPO,) and calls[1][2] == {"repo_type": "model", "private": True, "exist_ok": True}
+    assert calls[2][2]["branch"] == "w4"
+    args, kw = calls[3][1], calls[3][2]
+    assert args[0] == REPO and kw["commit_message"] == "hello" and kw["revision"] == "w4" and kw["create_pr"] is False
+    ops = {op.path_in_repo: op for op in args[1]}
     files = sorted(p.relative_to(out_copy).as_posix() for p in out_copy.rglob("*") if p.is_file())
-    kept = set(filter_repo_objects(files, ignore_patterns=up["ignore_patterns"]))
-    assert kept == {f for f in files if not f.startswith(".") and f != "README.md"}
-    assert "README.md" in files and {p.name for p in out_copy.glob("*.safetensors")} <= kept
+    assert set(ops) == {f for f in files if not f.startswith(".")}
+    assert {p.name for p in out_copy.glob("*.safetensors")} <= set(ops)
     text = card.build_card(out_copy, REPO)
-    f = calls[2][2]
-    assert (f["path_in_repo"], f["repo_id"], f["repo_type"]) == ("README.md", REPO, "model")
-    assert f["path_or_fileobj"] == text.encode() == summary["card"].encode()
+    assert ops["README.md"].path_or_fileobj == text.encode() == summary["card"].encode()
     assert "## Memory plan" in text and summary["private"] and summary["url"].endswith("/commit/abc")

@@ -13,7 +13,8 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["verify"]["ok"] is True and rep["flipped_bit_detected"]
-    assert rep["convert"]["3-bit -> 4-bit"] > 0 and rep["convert"]["4-bit passthrough"] > 0
+    assert rep["schema_version"] == 1
+    assert rep["convert"]["3_bit_to_4_bit"] > 0 and rep["convert"]["4_bit_passthrough"] > 0
     assert (tmp_path / "deepseek-tiny-w4" / "w3repack.json").exists()
 
 

@@ -6,6 +6,7 @@ Golden launch scripts: regenerate with ``W3REPACK_REGEN_GOLDEN=1 pytest tests/te
 and review the diff.
 """
 
+import contextlib
 import http.server
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -277,15 +279,23 @@ def test_serve_dry_run(dense_replica):
 
 
 class FakeServer(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible fake; ``crash_over`` words of prompt answer 500 (the kv_b_proj crash)."""
+    """An OpenAI-compatible fake that answers like a working model (temperature 0): it repeats what it is asked
+    to repeat, counts on, answers the long prompt's question and reports cached prompt tokens the second time.
+
+    ``crash_over``: prompts of more words answer 500 (the kv_b_proj crash). ``mode``: ``garbage`` answers
+    ``!!!!`` (broken weights), ``malformed`` answers JSON of the wrong shape, ``notjson`` answers non-JSON,
+    ``huge`` an endless body, ``nocache`` reports 0 cached tokens, ``wrong`` plausible but wrong text.
+    """
 
     crash_over = None
+    mode = "good"
+    seen: dict = {}
 
     def log_message(self, *a):
         pass
 
     def _send(self, code, obj):
-        raw = json.dumps(obj).encode()
+        raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
@@ -298,26 +308,52 @@ class FakeServer(http.server.BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": "not found"})
 
+    def answer(self, prompt: str) -> str:
+        if self.mode == "garbage":
+            return "!!!!!!!!!!!!!!!!"
+        if self.mode == "wrong":
+            return "I am a helpful assistant."
+        if "Repeat exactly" in prompt:
+            return prompt.split(":", 1)[1].strip()
+        if prompt == smoke.COUNT_PROMPT:
+            return " 7, 8, 9,"
+        return " paper boats"
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.mode == "notjson":
+            return self._send(200, b"<html>gateway error</html>")
+        if self.mode == "malformed":
+            return self._send(200, {"choices": [42], "usage": "x"})
+        if self.mode == "huge":
+            self.send_response(200)
+            self.end_headers()
+            chunk = b"A" * (1 << 20)
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    self.wfile.write(chunk)
+            return None
         if self.path == "/v1/chat/completions":
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "Hello"}}]})
-        elif self.path == "/v1/completions":
-            n = len(body["prompt"].split())
+            text = self.answer(body["messages"][0]["content"])
+            return self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+        if self.path == "/v1/completions":
+            prompt = body["prompt"]
+            n = len(prompt.split())
             if self.crash_over and n > self.crash_over:
-                self._send(500, {"error": "AttributeError: 'ColumnParallelLinear' object has no attribute 'weight'"})
-            else:
-                self._send(200, {"choices": [{"text": " paper boats"}], "usage": {"prompt_tokens": n}})
-        else:
-            self._send(404, {"error": "not found"})
+                return self._send(500, {"error": "AttributeError: 'ColumnParallelLinear' object has no attribute 'weight'"})
+            cached = 0 if self.mode == "nocache" else (n // 16 * 16 if prompt in self.seen else 0)
+            self.seen[prompt] = True
+            return self._send(200, {"choices": [{"text": self.answer(prompt)}],
+                                    "usage": {"prompt_tokens": n, "prompt_tokens_details": {"cached_tokens": cached}}})
+        return self._send(404, {"error": "not found"})
 
 
 @pytest.fixture
 def server():
     servers = []
 
-    def start(crash_over=None):
-        handler = type("H", (FakeServer,), {"crash_over": crash_over})
+    def start(crash_over=None, mode="good"):
+        handler = type("H", (FakeServer,), {"crash_over": crash_over, "mode": mode, "seen": {}})
         s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=s.serve_forever, daemon=True).start()
         servers.append(s)
@@ -334,16 +370,68 @@ def test_smoke_passes_on_healthy_server(server):
     r = run("smoke", url, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
-    assert rep["ok"] and rep["model"] == "tiny" and len(rep["checks"]) == 4
-    assert "prompt_tokens=" in rep["checks"][2]["detail"]
-    assert int(rep["checks"][2]["detail"].split("prompt_tokens=")[1].split(";")[0]) > 2048
+    assert rep["ok"] and rep["model"] == "tiny" and len(rep["checks"]) == 5 and rep["schema_version"] == 1
+    long_check = rep["checks"][3]
+    assert int(long_check["detail"].split("prompt_tokens=")[1].split(";")[0]) > 2048
+    assert "cached_tokens=" in rep["checks"][4]["detail"] and "cached_tokens=0" not in rep["checks"][4]["detail"]
+
+
+@pytest.mark.parametrize("mode,says", [
+    ("garbage", "degenerate repeated text"),
+    ("wrong", "expected"),
+    ("malformed", "malformed response"),
+    ("notjson", "HTTP 200: <html>"),
+    ("huge", "larger than 4 MiB"),
+    ("nocache", "prefix cache was not hit"),
+])
+def test_smoke_fails_a_server_that_answers_badly(server, mode, says):
+    """Garbage, wrong answers, malformed or oversized responses and a prefix cache that is never hit: exit 1,
+    each named, never a traceback or exit 2."""
+    url = server(mode=mode)
+    r = run("smoke", url, "--long-tokens", 300, "--timeout", 20)
+    assert r.returncode == 1, (mode, r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and says in r.stdout, (mode, r.stdout)
+    assert "FAIL" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("FAILED")
+
+
+def test_smoke_garbage_judgement():
+    assert smoke.garbage("!!!!!!!!!!!!") and smoke.garbage("") and smoke.garbage("   \n")
+    assert smoke.garbage("ok \x00\x01 text") and smoke.garbage("the the the the the the the the")
+    assert smoke.garbage("caf\ufffd\ufffd")
+    for good in ("paper boats", " 7, 8, 9,", "violet harbor seventeen lanterns", "Hello!!", "1111 is a number"):
+        assert smoke.garbage(good) is None, good
+    assert smoke.judge_count(" 7, 8")[0] and not smoke.judge_count(" 8, 9")[0] and not smoke.judge_count(" 17")[0]
+    assert smoke.judge_repeat("Violet harbor, seventeen lanterns.")[0] and not smoke.judge_repeat("violet harbor")[0]
+
+
+def test_smoke_total_time_is_bounded(server):
+    """A server that answers nothing within the time limit: the run ends within its total limit, exit 1."""
+    hang = threading.Event()
+
+    class Slow(FakeServer):
+        def do_POST(self):
+            hang.wait(30)
+
+    s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        r = run("smoke", f"http://127.0.0.1:{s.server_address[1]}", "--long-tokens", 300, "--total-timeout", 2)
+        took = time.monotonic() - t0
+    finally:
+        hang.set()
+        s.shutdown()
+        s.server_close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert took < 12, took
+    assert "total time limit" in r.stdout or "timed out" in r.stdout, r.stdout
 
 
 def test_smoke_fails_on_long_prompt_crash(server):
     url = server(crash_over=700)
     r = run("smoke", url, "--model", "tiny")
     assert r.returncode == 1
-    assert "PASS  chat completion" in r.stdout and "FAIL  completion" in r.stdout and "ColumnParallelLinear" in r.stdout
+    assert "PASS  chat: repeat exactly" in r.stdout and "FAIL  completion, ~" in r.stdout and "ColumnParallelLinear" in r.stdout
     r = run("smoke", url, "--long-tokens", 300)
     assert r.returncode == 0, r.stdout
     r = run("smoke", url, "--model", "other")

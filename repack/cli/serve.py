@@ -156,16 +156,18 @@ def smoke(
     url: str = typer.Argument(..., help="Server base URL, e.g. http://127.0.0.1:8000"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the first one served)."),
     long_tokens: int = typer.Option(9000, "--long-tokens", min=1, help="Length of the long prompt (beyond one prefill chunk; cut to 80% of max_model_len)."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
+    timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Seconds per request."),
+    total_timeout: float = typer.Option(1800.0, "--total-timeout", min=0.1, help="Seconds for the whole run."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check a running OpenAI-compatible server. Exit 0 all passed, 1 a check failed, 2 unreachable."""
+    """Check a running OpenAI-compatible server by its answers (repeat, count, a long prompt twice, cached tokens).
+    Exit 0 all passed, 1 a check failed (wrong, garbage or malformed answers), 2 unreachable."""
     import os
 
     from repack.serve import smoke as sm
 
     try:
-        rep = sm.run(url, model, long_tokens, timeout, os.environ.get("OPENAI_API_KEY"))
+        rep = sm.run(url, model, long_tokens, timeout, os.environ.get("OPENAI_API_KEY"), total_timeout)
     except sm.Unreachable as e:
         raise UserError(f"server unreachable: {e}") from e
     _output.smoke(rep, json_out)
