@@ -1,5 +1,7 @@
 """The command line as users run it: real subprocesses, exit codes, one-line errors, JSON output."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -62,15 +64,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 
 def test_debug_shows_traceback(tmp_path):
     r = run("--debug", "inspect", tmp_path / "missing")
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr
 
 
 def test_internal_error_has_its_own_exit_code(monkeypatch, traps_ckpt):
     """A bug is not bad input: exit 3, one line that says so; --debug shows the traceback."""
     from repack.cli import _errors
 
-    with pytest.raises(ZeroDivisionError):
-        _errors.exit_for(ZeroDivisionError("x"), debug=True)
+    try:
+        raise ZeroDivisionError("x")
+    except ZeroDivisionError as e:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert _errors.exit_for(e, debug=True) == 3
+        assert "Traceback" in err.getvalue() and err.getvalue().rstrip().endswith("run with --debug for a traceback)")
     assert _errors.exit_for(ZeroDivisionError("x"), debug=False) == _errors.EXIT_INTERNAL == 3
     assert _errors.exit_for(_errors.UserError("bad"), debug=False) == 2
     assert _errors.exit_for(_errors.Mismatch("differs"), debug=False) == 1

@@ -59,10 +59,14 @@ TABLE: list[Rule] = [
 
 
 def exit_for(e: BaseException, debug: bool) -> int:
-    """Print ``e``'s line and return its exit code (re-raise under ``--debug`` where a traceback helps)."""
+    """Print ``e``'s line and return its exit code; under ``--debug`` the traceback first, where it helps (the
+    exit code stays the table's)."""
     rule = next(r for r in TABLE if r.matches(e))
     if debug and rule.debug_raises:
-        raise e
+        import traceback
+
+        sys.stderr.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        sys.stderr.flush()
     msg = rule.message(e)
     if msg is not None:
         (ui.out if rule.stdout else ui.err).print(msg, markup=False)
