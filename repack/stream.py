@@ -1,11 +1,14 @@
 """Streaming primitives: a read-ahead hashing reader, a staged hashing writer, atomic small-file writes.
 
 Memory is bounded by a fixed number of fixed-size, page-aligned buffers per shard in flight (reused across
-shards); no file is mapped or read whole. Source files are opened read-only. Both ends use ``O_DIRECT``
+shards); no file is read whole or through a mapping (a source is mapped, untouched, only to ask ``mincore``
+which of its pages are cached). Source files are opened read-only. Both ends use ``O_DIRECT``
 where the filesystem allows it: no copy through the page cache, no dirty pages to flush, nothing cached
 that will not be read again. Otherwise they fall back to buffered I/O that treats the page cache as a
 stream (sequential read-ahead, read pages dropped, write-back started every ``WRITEBACK_EVERY`` bytes).
-``W3REPACK_DIRECT_IO=0`` forces buffered I/O.
+``W3REPACK_DIRECT_IO=0`` forces buffered I/O. A source file already in the page cache (``cached_share``,
+``mincore``) is read buffered, from memory, and its pages are left cached: a warm convert is no slower than a
+cold one.
 """
 
 from __future__ import annotations
@@ -74,6 +77,49 @@ def _set_direct(fd: int, on: bool) -> bool:
         return False
 
 
+WARM_SHARE = 0.9  # a source this much in the page cache is read buffered (from memory), not with O_DIRECT
+
+
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def cached_share(fd: int, size: int) -> float | None:
+    """The share of a file's pages in the page cache (``mincore`` over a read-only mapping; nothing is read or
+    faulted in); None where it cannot be told."""
+    if _LIBC is None or size <= 0:
+        return None
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        pages = -(-size // page)
+        vec = np.zeros(pages, dtype=np.uint8)
+        if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), ctypes.c_void_p(vec.ctypes.data)) != 0:
+            return None
+        return float(np.count_nonzero(vec & 1)) / pages
+    finally:
+        _LIBC.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+
+
 HUGE = 2 << 20
 _SPARE: dict[int, list[np.ndarray]] = {}
 _SPARE_LOCK = threading.Lock()
@@ -129,7 +175,9 @@ class SeqReader:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
-        self.direct = _try_direct(self.fd)
+        share = cached_share(self.fd, self.size)
+        self.warm = share is not None and share >= WARM_SHARE
+        self.direct = not self.warm and _try_direct(self.fd)
         if not self.direct:
             _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
         self.hash = hashlib.sha256() if hashed else None
@@ -204,7 +252,7 @@ class SeqReader:
             if n == 0:
                 break
             got += n
-        if not self.direct:
+        if not self.direct and not self.warm:
             _advise(self.fd, off, got, "POSIX_FADV_DONTNEED")
         return min(got, want)
 

@@ -32,12 +32,23 @@ def _data(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
+def _cold(p) -> None:
+    """Drop ``p``'s pages from the page cache (a file just written is warm, and a warm source is read buffered)."""
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _reader_on(tmp_path, monkeypatch, direct: str, data: bytes, **kw):
     """A SeqReader over a file holding ``data``, in the I/O mode ``direct``; closed afterwards."""
     monkeypatch.setenv("W3REPACK_DIRECT_IO", direct)
     p = tmp_path / "f"
     p.write_bytes(data)
+    _cold(p)
     r = SeqReader(p, **kw)
     try:
         yield r
@@ -184,6 +195,7 @@ def test_direct_io_refused_by_the_kernel_falls_back_to_buffered(tmp_path, monkey
     data = _data(3 * 4096 + 5)
     p = tmp_path / "f"
     p.write_bytes(data)
+    _cold(p)
     r = SeqReader(p, hashed=False)
     try:
         assert r.direct
@@ -203,3 +215,36 @@ def test_direct_io_refused_by_the_kernel_falls_back_to_buffered(tmp_path, monkey
     sink.queued = 101
     sink.finish()
     assert (tmp_path / "out").read_bytes() == b"\0" + data[:100]
+
+
+def test_a_source_in_the_page_cache_is_read_buffered_and_left_cached(tmp_path):
+    """Cold: O_DIRECT where the filesystem allows (no page-cache copy). Warm (pages resident): buffered, from
+    memory, and the pages stay cached, so a warm convert is no slower than a cold one."""
+    import os
+
+    from repack.stream import SeqReader, cached_share
+
+    p = tmp_path / "f.bin"
+    data = os.urandom(8 << 20)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cold = cached_share(fd, len(data))
+        if cold is None or cold > 0.5:
+            pytest.skip("page residency cannot be told or dropped on this filesystem")
+        r = SeqReader(p, hashed=True)
+        assert not r.warm
+        assert bytes(r.read(len(data))) == data
+        r.close()
+        open(p, "rb").read()  # now it is in the page cache
+        assert cached_share(fd, len(data)) == 1.0
+        r = SeqReader(p, hashed=True)
+        assert r.warm and not r.direct
+        assert bytes(r.read(len(data))) == data
+        assert r.hexdigest() == hashlib.sha256(data).hexdigest()
+        r.close()
+        assert cached_share(fd, len(data)) == 1.0
+    finally:
+        os.close(fd)
