@@ -27,11 +27,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -176,6 +178,14 @@ class Reporter:
             self._line(f"fetched {fetch[0]} ({human(fetch[2])}) in {seconds:.1f} s, {rate(fetch[2], seconds)}")
 
 
+class SpeedColumn(ProgressColumn):
+    """The rate in MiB/s (rich's own column uses decimal MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed / 2**20:.1f} MiB/s", style="progress.data.speed")
+
+
 def _mode(enabled: bool | None) -> str:
     if enabled is False or VERBOSITY["level"] < 0:
         return "off"
@@ -192,7 +202,7 @@ def byte_progress(label: str, total: int, enabled: bool | None = None, shards: i
         if rep.mode == "bar":
             with Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                SpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
             ) as p:
                 rep.bar, rep.task = p, p.add_task(label, total=total)
                 yield rep

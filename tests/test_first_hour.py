@@ -281,3 +281,37 @@ def test_readme_says_what_the_test_extras_pull():
     assert f"pip install torch=={pin.group(1)} --index-url https://download.pytorch.org/whl/cpu" in readme
     assert "so no CUDA build is pulled" not in readme
     assert "does not fit" in readme and "RTX 3090" in readme
+
+
+def test_progress_is_a_bar_on_a_terminal(big_shards, tmp_path):
+    """stderr a terminal (a pty): a rich bar with binary units and MiB/s; stdout keeps the summary."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    env.pop("NO_COLOR", None)
+    p = subprocess.Popen([sys.executable, "-m", "repack", "convert", str(big_shards), str(tmp_path / "out")],
+                         stdout=subprocess.PIPE, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif p.poll() is not None:
+            break
+    out = p.communicate(timeout=60)[0]
+    os.close(master)
+    assert p.returncode == 0
+    text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", seen).decode("utf-8", "replace")
+    assert "convert" in text and "━" in text and "MiB" in text, text[:500]
+    assert " MB/s" not in text
+    assert b"converted" in out
