@@ -133,7 +133,7 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def bench_codec(mib: int = 64, reps: int = 5) -> dict:
-    """Single-core MB/s of 3-bit input: transcode to 4-bit (convert), back (verify), and sha256."""
+    """Single-core MiB/s of 3-bit input: transcode to 4-bit (convert), back (verify), and sha256."""
     rng = np.random.default_rng(1)
     rows = (mib << 20) // (4 * M) // 3 * 3
     w3 = rng.integers(0, 2**32, size=(rows, M), dtype=np.uint32).view(np.int32)
@@ -148,7 +148,7 @@ def bench_codec(mib: int = 64, reps: int = 5) -> dict:
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-        return w3.nbytes / 1e6 / min(ts)
+        return w3.nbytes / 2**20 / min(ts)
 
     res["to4_mb_s"] = best(lambda: codec.transcode_to4(w3, 3, out=out))
     res["from4_mb_s"] = best(lambda: codec.transcode_from4(w4, 3))
@@ -222,27 +222,37 @@ def main() -> None:
 
     codec_res = bench_codec()
     fixed = bench_fixed(args.dir / "tiny", args.repeat, cold, w3)
-    rows = [run_size(f"{gb:g} GB", args.dir / f"{gb:g}GB", gb, args.shard_mb, workers, args.repeat, cold, w3) for gb in args.sizes]
+    rows = [run_size(f"{gb * 1e9 / 2**30:.2f} GiB", args.dir / f"{gb:g}GB", gb, args.shard_mb, workers, args.repeat, cold, w3) for gb in args.sizes]
     if args.single_shard_gb:
         gb = args.single_shard_gb
-        rows.append(run_size(f"{gb:g} GB, 1 shard", args.dir / "single", gb, int(gb * 1000) + 64, workers, args.repeat, cold, w3))
+        rows.append(run_size(f"{gb * 1e9 / 2**30:.2f} GiB, 1 shard", args.dir / "single", gb, int(gb * 1000) + 64, workers, args.repeat, cold, w3))
 
     cores = os.cpu_count()
+    load = os.getloadavg()
+    disk = subprocess.run(["df", "--output=source,fstype", str(args.dir)], capture_output=True, text=True).stdout.split()[-2:]
+    print(f"\nload average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min); "
+          f"disk of {args.dir}: {' '.join(disk)}")
+    print("\nmarkdown rows (checkpoint | shards | cp -r + sync | convert | convert / cp | --no-hash / cp | cat both | verify | verify / cat | peak RSS):")
+    for r in rows:
+        print(f"| {r['label']} | {r['shards']} | {r['cp_s']:.2f} s | {r['convert_s']:.2f} s | {r['convert_s'] / r['cp_s']:.2f} | "
+              f"{r['convert_nohash_s'] / r['cp_s']:.2f} | {r['read_both_s']:.2f} s | {r['verify_s']:.2f} s | "
+              f"{r['verify_s'] / r['read_both_s']:.2f} | {max(r['convert_rss_mib'], r['verify_rss_mib']):.0f} MiB |"
+              f"  all convert runs: {r['convert_s_all']}, cp: {r['cp_s_all']}")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
           f"page cache {'dropped before each step' if cold else 'warm'}; workers {workers}; medians of {args.repeat} runs\n")
-    print("codec alone, one core, MB/s of 3-bit input:")
+    print("codec alone, one core, MiB/s of 3-bit input:")
     print(f"  3->4 transcode {codec_res['to4_mb_s']:8.0f}   (4 MiB chunks as convert feeds it: {codec_res['to4_chunked_mb_s']:.0f})")
     print(f"  4->3 transcode {codec_res['from4_mb_s']:8.0f}   (verify)")
     print(f"  sha256         {codec_res['sha256_mb_s']:8.0f}   (convert hashes source and output)\n")
     print(f"fixed cost of one convert run (interpreter, imports, plan, manifest; a 10 MB checkpoint): {fixed['s']:.2f} s, "
           f"{fixed['cpu']:.2f} CPU-s\n")
-    hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MB/s':>5} {'/cp':>5} {'--no-hash s':>11} {'/cp':>5} "
-           f"{'read both s':>11} {'verify s':>8} {'MB/s':>5} {'/read':>5} {'(no-hash) s':>11} {'/read':>5} "
+    hdr = (f"{'checkpoint':<16} {'shards':>6} {'cp s':>6} {'convert s':>9} {'MiB/s':>5} {'/cp':>5} {'--no-hash s':>11} {'/cp':>5} "
+           f"{'read both s':>11} {'verify s':>8} {'MiB/s':>5} {'/read':>5} {'(no-hash) s':>11} {'/read':>5} "
            f"{'conv RSS':>8} {'ver RSS':>8} {'cp RSS':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        mb = r["source_bytes"] / 1e6
+        mb = r["source_bytes"] / 2**20
         print(f"{r['label']:<16} {r['shards']:>6} {r['cp_s']:>6.2f} {r['convert_s']:>9.2f} {mb / r['convert_s']:>5.0f} "
               f"{r['convert_s'] / r['cp_s']:>5.2f} {r['convert_nohash_s']:>11.2f} {r['convert_nohash_s'] / r['cp_s']:>5.2f} "
               f"{r['read_both_s']:>11.2f} {r['verify_s']:>8.2f} {mb / r['verify_s']:>5.0f} {r['verify_s'] / r['read_both_s']:>5.2f} "
