@@ -111,7 +111,8 @@ def pushed(summary: dict, json_out: bool) -> None:
     if summary["dry_run"]:
         o.print(summary["card"], markup=False, highlight=False)
         o.print(f"[bold]dry run[/]: would upload {len(summary['files'])} files ({ui.human(summary['bytes'])}) to {summary['repo']}"
-                + (" (private)" if summary["private"] else ""))
+                + f" ({summary['revision']}" + (", as a pull request" if summary["create_pr"] else "")
+                + (", private" if summary["private"] else "") + f"), one commit: {summary['commit_message']!r}", markup=False)
         for f in summary["files"]:
             o.print(f"  {f['path']:<48} {ui.human(f['bytes']):>10}" + ("  (generated card)" if f["generated"] else ""), markup=False)
         return
