@@ -105,6 +105,8 @@ def _execute(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
     out.check_space(plan.out_total_bytes() - sum(sizes[n] for n in kept), source.space_needed(todo, workers),
                     source.space_hint)
     stop = run.stop or threading.Event()
+    if hasattr(source, "stop"):
+        source.stop = stop  # a source that downloads starts no download once the run is stopping
     out.start(fp, kept)
     spread = workers < cores()  # spare cores: each shard's output is hashed on a thread of its own
     written: list[str] = []

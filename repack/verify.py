@@ -86,6 +86,9 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
     n = effective_workers(workers, len(shards))
 
     with progress("verify", plan.src_shard_bytes) as advance:
+        if hasattr(advance, "shards"):
+            advance.shards = len(shards)
+
         def job(sp: ShardPlan) -> None:
             local: dict[str, int] = {}
             try:
@@ -98,6 +101,8 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
             with lock:
                 for k, v in local.items():
                     counts[k] = counts.get(k, 0) + v
+            if hasattr(advance, "shard_done"):
+                advance.shard_done(sp.name)
 
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="w3verify") as ex:
             list(ex.map(job, sorted(shards, key=lambda s: -s.src_size)))

@@ -207,6 +207,8 @@ def test_progress_verbose_and_quiet_on_a_local_convert(traps_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     n = len(list(traps_ckpt.glob("*.safetensors")))
     assert len(re.findall(r"convert: shard \d+ of \d+ done", r.stderr)) == n, r.stderr
+    r = run("verify", "-v", traps_ckpt, tmp_path / "a")
+    assert r.returncode == 0 and len(re.findall(r"verify: shard \d+ of \d+ done", r.stderr)) == n, r.stderr
     r = run("verify", traps_ckpt, tmp_path / "a", "--quiet")
     assert r.returncode == 0 and r.stderr == ""
     r = run("convert", traps_ckpt, tmp_path / "b")  # a short run on a pipe prints no progress at all

@@ -42,6 +42,7 @@ class HubSource(FolderSource):
     delete: bool = False
     prefixes: dict[str, bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    stop: threading.Event | None = field(default=None, repr=False)  # set by the executor: no download starts once set
 
     @classmethod
     def open(cls, src: str, revision: str | None = None, delete: bool = False) -> HubSource:
@@ -165,6 +166,10 @@ class HubSource(FolderSource):
         from repack import ui
 
         with self.lock:
+            if self.stop is not None and self.stop.is_set():
+                from repack.stream import Stopped
+
+                raise Stopped()
             if (self.root / sp.name).is_file():
                 path = download(self.repo, sp.name, self.commit)
             else:
