@@ -257,6 +257,11 @@ def test_json_outputs_have_schema_version_and_snake_case_keys(traps_ckpt, tmp_pa
         outs[name] = json.loads(r.stdout)
         assert next(iter(outs[name])) == "schema_version" and outs[name]["schema_version"] == 1, name
         assert all(SNAKE.match(k) for k in outs[name]), (name, list(outs[name]))
+    r = run("plan", tmp_path / "o", "--gpus", 1, "--gpu-memory", 24, "--compute-capability", "8.6", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert next(iter(plan)) == "schema_version" and plan["schema_version"] == 1
+    assert {"paths", "recommended", "fits", "weights_gib_per_gpu"} <= set(plan) and all(SNAKE.match(k) for k in plan)
     assert all(SNAKE.match(k) for k in outs["convert"]["module_classes"])
     assert all(SNAKE.match(k) for k in outs["inspect"]["convert"]["module_classes"])
     assert all(SNAKE.match(k) for k in outs["demo"]["convert"])
