@@ -61,7 +61,7 @@ def converted(res: Result, json_out: bool) -> None:
 
 
 OP_WORDS = {"copy": "byte-identical", "transcode": "codes transcoded to 4-bit", "zeros": "zero points",
-            "dequant": "dequantized to float32", "drop": "checked, not emitted (a float weight replaces them)"}
+            "dequant": "dequantized to float32", "drop": "checked, not emitted"}
 
 
 def tensor_counts(tensors: dict[str, int]) -> str:
