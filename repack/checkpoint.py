@@ -9,12 +9,13 @@ scales.shape[1]``), never from the config: real exports mix widths under one ``b
 from __future__ import annotations
 
 import json
-import re
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from repack import codec
+from repack import codec, safe_regex
 from repack.errors import FormatError, UserError
 from repack.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
 
@@ -77,19 +78,70 @@ class Checkpoint:
         return [t for t in self.tensor_shard if self.module_of(t) is None]
 
 
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_bounded(path: Path, limit: int, follow: bool = True) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them; never blocks on a FIFO, never reads a device.
+
+    ``follow=False``: a symlink at ``path`` itself is refused (ELOOP). OSError for what cannot be read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
+        if st.st_size > limit:
+            raise FormatError(f"{path}: {st.st_size} bytes, more than the {limit} bytes allowed")
+        chunks, total = [], 0
+        while True:
+            b = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not b:
+                return b"".join(chunks)
+            chunks.append(b)
+            total += len(b)
+            if total > limit:
+                raise FormatError(f"{path}: more than the {limit} bytes allowed")
+    finally:
+        os.close(fd)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(data: bytes | str, path: Path, what: str) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, bounded nesting; a FormatError naming ``path`` otherwise."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise FormatError(f"{path}: {what} is nested too deeply") from e
+
+
 def load_json(path: Path, what: str) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = read_bounded(path, MAX_JSON_BYTES)
     except FileNotFoundError as e:
         raise FormatError(f"{path}: {what} not found") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from e
     except OSError as e:
         raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+    return parse_json(data, path, what)
 
 
-def module_override(quant_config: dict, prefix: str) -> dict:
-    """The ``extra_config`` entry that applies to module ``prefix`` (exact name first, then regex search)."""
+def module_override(quant_config: dict, prefix: str, where: Path | str = CONFIG_NAME) -> dict:
+    """The ``extra_config`` entry that applies to module ``prefix`` (exact name first, then regex search).
+
+    Keys are searched in bounded time (:mod:`repack.safe_regex`); one that cannot be is refused, naming ``where``.
+    """
     extra = quant_config.get("extra_config") or {}
     if not isinstance(extra, dict):
         return {}
@@ -99,10 +151,12 @@ def module_override(quant_config: dict, prefix: str) -> dict:
         if not isinstance(val, dict):
             continue
         try:
-            if re.search(key, prefix):
+            if safe_regex.search(key, prefix):
                 return val
-        except re.error:
+        except safe_regex.InvalidPattern:
             continue
+        except safe_regex.UnsafePattern as e:
+            raise FormatError(f"{where}: extra_config key {key[:80]!r}: {e}; refused") from None
     return {}
 
 
@@ -198,16 +252,34 @@ def read_index(root: Path, files_present: bool = True) -> tuple[dict | None, lis
         raise FormatError(f"{ipath}: no weight_map object")
     if not isinstance(index.get("metadata", {}), (dict, type(None))):
         raise FormatError(f"{ipath}: metadata is {type(index['metadata']).__name__}, not an object")
-    files: list[str] = []
+    files: set[str] = set()
     for t, s in index["weight_map"].items():
-        if not isinstance(s, str) or not s or s.startswith("/") or ".." in Path(s).parts:
-            raise FormatError(f"{ipath}: tensor {t}: shard name {s!r} is not a relative file name")
         if s not in files:
-            files.append(s)
-    for s in files if files_present else ():
+            why = shard_name_problem(s)
+            if why:
+                raise FormatError(f"{ipath}: tensor {str(t)[:200]}: shard name {str(s)[:200]!r} {why}")
+            files.add(s)
+    for s in sorted(files) if files_present else ():
         if not (root / s).is_file():
-            raise FormatError(f"{ipath}: names shard {s}, which is missing")
+            raise FormatError(f"{ipath}: names shard {s}, which is missing or not a regular file")
     return index, sorted(files)
+
+
+def shard_name_problem(s: object) -> str | None:
+    """Why ``s`` cannot be a shard name (None: it can): a normalized relative path of visible parts ending in
+    ``.safetensors``, so it never names the manifest, a config, the state folder or a temporary file."""
+    if not isinstance(s, str) or not s:
+        return "is not a file name"
+    if s.startswith("/") or "\\" in s or "\0" in s or not s.isprintable():
+        return "is not a plain relative file name"
+    parts = s.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "is not a normalized relative path"
+    if any(p.startswith(".") for p in parts):
+        return "has a hidden part (reserved for w3repack's own files)"
+    if not s.endswith(".safetensors"):
+        return "does not end in .safetensors"
+    return None
 
 
 def _collect_modules(root: Path, qc: dict, shards: dict[str, Header], tensor_shard: dict[str, str]) -> dict[str, QuantModule]:
@@ -263,7 +335,7 @@ def _module(root: Path, prefix: str, parts: dict[str, Loc], bias: Loc | None, qc
     group = k // groups
     if gi is not None and gi.shape != (k,):
         raise FormatError(f"{at('g_idx')}: g_idx shape {list(gi.shape)} does not match K={k}")
-    want = module_override(qc, prefix).get("group_size", qc.get("group_size"))
+    want = module_override(qc, prefix, root / CONFIG_NAME).get("group_size", qc.get("group_size"))
     if isinstance(want, int) and want not in (-1, 0) and want != group:
         raise FormatError(f"{at('scales')}: shapes give group size {group} (K={k}, {groups} groups) but the config says {want}")
     if isinstance(want, int) and want == -1 and groups != 1:

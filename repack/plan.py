@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from repack.checkpoint import (
     QuantModule,
     module_override,
 )
-from repack.errors import UserError
+from repack.errors import FormatError, UserError
 from repack.ops import Op, TensorOp, tensor_op
 from repack.output import MANIFEST_NAME
 from repack.safetensors_io import Header, TensorInfo, build_header
@@ -211,12 +212,28 @@ def _tensor_op(t: TensorInfo, ckpt: Checkpoint, options: Options, mtp: tuple[int
 
 
 def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
+    """The plan; a config that makes planning fail in an unforeseen way is a FormatError naming config.json."""
     _check_options(ckpt, options)
+    try:
+        return _build_plan(ckpt, options)
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError, ZeroDivisionError, RecursionError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise FormatError(f"{ckpt.root / CONFIG_NAME}: cannot be planned ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _build_plan(ckpt: Checkpoint, options: Options) -> Plan:
     mtp = mtp_layers(ckpt.config)
     shards = []
+    emitted_by: dict[str, str] = {}
     for name, h in ckpt.shards.items():
         ops = [_tensor_op(t, ckpt, options, mtp) for t in h.ordered()]
         emitted = [e for e in (o.out_entry() for o in ops) if e is not None]
+        for e in emitted:
+            if e[0] in emitted_by:
+                raise FormatError(f"{ckpt.root / name}: output tensor {e[0]} would be written twice (also from "
+                                  f"{emitted_by[e[0]]}): a source tensor has the name of an emitted one; refused")
+            emitted_by[e[0]] = name
         prefix, offs = build_header(emitted, h.metadata)
         out_offsets = {e[0]: (offs[i], offs[i + 1]) for i, e in enumerate(emitted)}
         shards.append(ShardPlan(name, h, ops, prefix, out_offsets))
@@ -253,7 +270,7 @@ def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
         if p in float_modules:
             continue
         if style == "auto-round" or options.target == "native":
-            declared = module_override(new_qc, p).get("bits", new_qc.get("bits"))
+            declared = module_override(new_qc, p, ckpt.root / CONFIG_NAME).get("bits", new_qc.get("bits"))
             if declared != out_bits(m, options):
                 odd[p] = out_bits(m, options)
         elif out_bits(m, options) != 4:
@@ -348,19 +365,55 @@ def dense_config(config: dict) -> tuple[dict, dict]:
 
 
 def _extra_files(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
-    """Files copied unchanged: everything but shards, index, configs, our own files and hidden entries."""
+    """Files copied unchanged: everything but shards, index, configs, our own files and hidden entries.
+
+    Every copied file is a regular file whose real path lies inside the source (or, for a hub cache snapshot,
+    in that repo's ``blobs``); a symlinked folder is followed only when it stays inside the source. A special
+    file, a link out, an unreadable folder or a folder loop is refused, naming it.
+    """
+    root = ckpt.root
+    real_root = Path(os.path.realpath(root))
+    inside = [real_root]
+    if root.parent.name == "snapshots":
+        inside.append(Path(os.path.realpath(root.parent.parent / "blobs")))
+
+    def contained(p: Path) -> bool:
+        real = Path(os.path.realpath(p))
+        return any(real == r or r in real.parents for r in inside)
+
+    def refuse(e: OSError) -> None:
+        raise UserError(f"{e.filename}: cannot read this folder of the source ({e.strerror or e}); refused")
+
     own = set(ckpt.shards) | {INDEX_NAME, CONFIG_NAME, QCONFIG_NAME, MANIFEST_NAME}
     extra, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(ckpt.root, followlinks=False):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=refuse):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen:
+            raise UserError(f"{dirpath}: a folder link loops back into the source; refused")
+        seen.add(real_dir)
+        for d in dirnames:
+            if not d.startswith(".") and os.path.islink(os.path.join(dirpath, d)) and not contained(Path(dirpath, d)):
+                raise UserError(f"{Path(dirpath, d)}: a link to a folder outside the source "
+                                f"({os.path.realpath(os.path.join(dirpath, d))}); refused")
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if fn.startswith("."):
                 continue
-            rel = str(Path(dirpath, fn).relative_to(ckpt.root))
+            p = Path(dirpath, fn)
+            rel = str(p.relative_to(root))
             if rel in own:
                 continue
             if fn.endswith(".safetensors"):
                 skipped.append(rel)
                 continue
+            if not contained(p):
+                raise UserError(f"{p}: a link to a file outside the source ({os.path.realpath(p)}); refused")
+            try:
+                mode = os.stat(p).st_mode
+            except OSError as e:
+                raise UserError(f"{p}: cannot read this file of the source ({e.strerror or e}); refused") from e
+            if not stat.S_ISREG(mode):
+                raise UserError(f"{p}: not a regular file (a FIFO, socket or device); refused")
             extra.append(rel)
     return extra, skipped
