@@ -7,7 +7,9 @@ manifest comes last.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -79,13 +81,26 @@ def execute(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
         raise UserError(f"{e.filename or out.path}: {e.strerror or e}") from e
 
 
+def _ids(p: Path) -> list[tuple[int, int]]:
+    """(device, inode) of ``p`` and of each folder above it that exists, nearest first."""
+    out = []
+    for q in (p, *p.parents):
+        with contextlib.suppress(OSError):
+            st = os.stat(q)
+            out.append((st.st_dev, st.st_ino))
+    return out
+
+
 def check_paths(src: Path, dst: Path) -> None:
+    """SRC and DST are apart: compared by resolved path and by device and inode (a bind mount is the same folder)."""
     s, d = src.resolve(), dst.resolve()
-    if s == d:
+    src_ids, dst_ids = _ids(s), _ids(d)
+    same = d.exists() and src_ids[:1] == dst_ids[:1]
+    if s == d or same:
         raise UserError(f"destination {dst} is the source itself")
-    if s in d.parents:
+    if s in d.parents or (src_ids and src_ids[0] in dst_ids[1:]):
         raise UserError(f"destination {dst} is inside the source {src}")
-    if d in s.parents:
+    if d in s.parents or (d.exists() and dst_ids and dst_ids[0] in src_ids[1:]):
         raise UserError(f"source {src} is inside the destination {dst}")
 
 
@@ -95,11 +110,39 @@ def fingerprint(plan: Plan, source: Source) -> dict:
 
 
 def _execute(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
-    t0 = time.monotonic()
+    """Under DST's lock for the whole run (released however the run ends)."""
     check_paths(source.root, out.path)
+    try:
+        return _run(plan, out, run, source)
+    finally:
+        out.release()
+
+
+def _proved(plan: Plan, out: Output, kept: dict[str, ShardHashes]) -> dict[str, ShardHashes]:
+    """Kept shards with no recorded sha256 stay only if they verify against their source shard; others are redone."""
+    from repack.verify import Found, verify_shard
+
+    proved = {}
+    for sp in plan.shards:
+        h = kept.get(sp.name)
+        if h is None:
+            continue
+        if h.sha256 is None:
+            if not (plan.ckpt.root / sp.name).is_file():
+                continue
+            try:
+                verify_shard(plan, sp, out.path, {}, lambda n: None, hashed=False)
+            except Found:
+                continue
+        proved[sp.name] = h
+    return proved
+
+
+def _run(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
+    t0 = time.monotonic()
     fp = fingerprint(plan, source)
     sizes = {s.name: s.out_size for s in plan.shards}
-    kept = out.prepare(fp, sizes, plan.output_files(), run.overwrite, run.hashes)
+    kept = _proved(plan, out, out.prepare(fp, sizes, plan.output_files(), run.overwrite, run.hashes))
     todo = [s for s in plan.shards if s.name not in kept]
     workers = effective_workers(run.workers or source.default_workers, len(todo))
     out.check_space(plan.out_total_bytes() - sum(sizes[n] for n in kept), source.space_needed(todo, workers),
@@ -140,6 +183,10 @@ def _execute(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
     copied = [FileRecord(rel, None, out.copy_in(plan.ckpt.root / rel, rel, stop)) for rel in plan.extra_files]
     for name, data in plan.metadata_files().items():
         out.write_file(name, data)
+    changed = source.changed(plan)
+    if changed is not None:
+        raise UserError(f"{changed}: the source changed during the conversion; nothing was finished: run the same "
+                        "command again once it is stable")
     manifest = build_manifest(plan, out, fp, copied, manifest_source_name(source))
     source.finish(plan, out, manifest)
     out.finish(manifest)
@@ -208,9 +255,13 @@ def convert_shard(plan: Plan, sp: ShardPlan, out: Output, stop: threading.Event,
     a thread of its own (for when cores would otherwise sit idle: fewer shards in flight than cores). Moving
     the source's hash off the worker too measured no faster: it then hashes bytes no longer in cache.
     """
-    tmp = out.partial_path(sp.name)
+    tmp = out.state_dir / (sp.name + ".partial")
     reader = SeqReader(plan.ckpt.root / sp.name, hashed=hashes)
-    sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread)
+    try:
+        sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread, fd=out.open_partial(sp.name))
+    except BaseException:
+        reader.close()
+        raise
     ok = False
     try:
         reader.read(sp.src.data_offset)
@@ -230,4 +281,4 @@ def convert_shard(plan: Plan, sp: ShardPlan, out: Output, stop: threading.Event,
         reader.close()
         if not ok:
             sink.abort()
-            tmp.unlink(missing_ok=True)
+            out.discard_partial(sp.name)

@@ -388,9 +388,11 @@ class Sink:
     ``WRITEBACK_EVERY`` bytes and the window before dropped from the cache.
     """
 
-    def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3, hash_behind: bool = False):
+    def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3, hash_behind: bool = False,
+                 fd: int | None = None):
+        """``fd``: an already opened, empty file (``path`` then only names it); it is closed by the sink."""
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = fd if fd is not None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.direct = _try_direct(self.fd)
         self.stop = stop
         self.hash = hashlib.sha256() if hashed else None

@@ -48,30 +48,40 @@ def run_once(dst: Path, fp: dict, files: dict[str, bytes]) -> Output:
     return out
 
 
+def prepare(dst: Path, *args, **kw) -> dict:
+    """One run's ``prepare``, its lock released after."""
+    out = Output(dst)
+    try:
+        return out.prepare(*args, **kw)
+    finally:
+        out.release()
+
+
 def test_prepare_keeps_only_what_the_same_run_finished(tmp_path):
     dst, fp = tmp_path / "dst", {"run": 1}
     sizes = {"a": 3, "b": 4}
-    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False) == {}
-    run_once(dst, fp, {"a": b"abc"})
+    assert prepare(dst, fp, sizes, set(sizes), overwrite=False) == {}
+    run_once(dst, fp, {"a": b"abc"}).release()
     assert not (dst / STATE_DIR / "a.partial").exists() and (dst / "a").read_bytes() == b"abc"
-    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=True) == {}, "unhashed: redone"
-    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=False) == {"a": ShardHashes(None, None)}
+    assert prepare(dst, fp, sizes, set(sizes), overwrite=False, hashes=True) == {}, "unhashed: redone"
+    assert prepare(dst, fp, sizes, set(sizes), overwrite=False, hashes=False) == {"a": ShardHashes(None, None)}
     with pytest.raises(UserError, match="a different conversion"):
-        Output(dst).prepare({"run": 2}, sizes, set(sizes), overwrite=False)
+        prepare(dst, {"run": 2}, sizes, set(sizes), overwrite=False)
     (dst / "junk").write_text("x")
-    with pytest.raises(UserError, match="did not write.*junk"):
-        Output(dst).prepare(fp, sizes, set(sizes), overwrite=False, hashes=False)
-    assert Output(dst).prepare(fp, sizes, set(sizes), overwrite=True, hashes=False) == {"a": ShardHashes(None, None)}
-    assert not (dst / "junk").exists()
-    assert Output(dst).prepare({"run": 2}, sizes, set(sizes), overwrite=True) == {} and not any(dst.iterdir())
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="did not write.*junk"):
+            prepare(dst, fp, sizes, set(sizes), overwrite=overwrite, hashes=False)
+    (dst / "junk").unlink()
+    assert prepare(dst, {"run": 2}, sizes, set(sizes), overwrite=True) == {}
+    assert [p.name for p in dst.iterdir()] == [STATE_DIR] and not (dst / STATE_DIR / "state.json").exists()
 
 
 def test_prepare_refuses_files_not_from_w3repack(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match="files that are not from w3repack"):
-        Output(tmp_path).prepare({}, {}, set(), overwrite=False)
+        prepare(tmp_path, {}, {}, set(), overwrite=False)
     with pytest.raises(UserError, match="not a directory"):
-        Output(tmp_path / "model.safetensors").prepare({}, {}, set(), overwrite=False)
+        prepare(tmp_path / "model.safetensors", {}, {}, set(), overwrite=False)
 
 
 def test_finish_writes_the_manifest_and_drops_the_state(tmp_path):

@@ -39,6 +39,9 @@ class Source(Protocol):
     def fingerprint(self, plan: Plan) -> dict:
         """The source's part of the run's identity (resume keeps shards only under an equal fingerprint)."""
 
+    def changed(self, plan: Plan) -> str | None:
+        """A file of the source that changed since ``fingerprint`` (None: none did); checked before the manifest."""
+
     def space_needed(self, todo: list[ShardPlan], workers: int) -> list[tuple[Path, int]]:
         """Bytes the source must still bring to disk, and where, for the shards ``todo`` (``space_hint`` is added
         to a refusal)."""

@@ -150,6 +150,10 @@ class HubSource(FolderSource):
         return {"source_hub": {"repo": self.repo, "commit": self.commit},
                 "source_files": {s.name: [s.src_size] for s in plan.shards}}
 
+    def changed(self, plan: Plan) -> str | None:
+        """Shards come and go from the cache; each fetched one is checked against its planned size and header."""
+        return None
+
     def space_needed(self, todo: list[ShardPlan], workers: int) -> list[tuple[Path, int]]:
         """The shards still to fetch; with ``delete`` only one per worker is on disk at a time."""
         missing = sorted((s.src_size for s in todo if not (self.root / s.name).is_file()), reverse=True)
@@ -247,7 +251,8 @@ def delete_cached(snapshot: Path, repo_cache: Path, name: str) -> int:
     size = p.stat().st_size if p.exists() else 0
     freed = size
     if blob is not None:
-        if blob.parent.name == "blobs" and blob.is_file() and not _linked_elsewhere(repo_cache, blob, p):
+        blobs = Path(os.path.realpath(repo_cache / "blobs"))
+        if blob.parent == blobs and blob.is_file() and not _linked_elsewhere(repo_cache, blob, p):
             blob.unlink()
         else:
             freed = 0
