@@ -94,7 +94,8 @@ def read_bounded(path: Path, limit: int, follow: bool = True) -> bytes:
             raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
         if st.st_size > limit:
             raise FormatError(f"{path}: {st.st_size} bytes, more than the {limit} bytes allowed")
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         while True:
             b = os.read(fd, min(1 << 20, limit + 1 - total))
             if not b:

@@ -513,10 +513,7 @@ class Output:
             for e in os.scandir(sfd):
                 if e.name == LOCK_NAME:
                     continue
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.name, dir_fd=sfd)
-                else:
-                    os.unlink(e.name, dir_fd=sfd)
+                _remove_at(sfd, e.name)
         finally:
             os.close(sfd)
 
@@ -617,9 +614,26 @@ class Output:
         """Write the manifest (DST is now a finished conversion), drop ``.w3repack/``, then the lock."""
         self._write_atomic(MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2).encode() + b"\n")
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(STATE_DIR, dir_fd=self._root())
+            _remove_at(self._root(), STATE_DIR)
         os.fsync(self._root())
         self.release()
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove entry ``name`` of folder ``dir_fd``, a folder with all it holds, never following a link."""
+    try:
+        fd = os.open(name, _DIR, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    try:
+        for entry in list(os.scandir(fd)):
+            _remove_at(fd, entry.name)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
 def _read_chunks(src: Path, stop: threading.Event | None):

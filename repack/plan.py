@@ -213,7 +213,7 @@ def _tensor_op(t: TensorInfo, ckpt: Checkpoint, options: Options, mtp: tuple[int
 
 def build_plan(ckpt: Checkpoint, options: Options) -> Plan:
     """The plan; a config that makes planning fail in an unforeseen way is a FormatError naming config.json."""
-    _check_options(ckpt, options)
+    check_options(ckpt, options)
     try:
         return _build_plan(ckpt, options)
     except (TypeError, AttributeError, ValueError, KeyError, IndexError, ZeroDivisionError, RecursionError) as e:
@@ -327,7 +327,7 @@ def mtp_layer_pattern(layer: int) -> str:
     return rf"model\.layers\.{layer}\."
 
 
-def _check_options(ckpt: Checkpoint, options: Options) -> None:
+def check_options(ckpt: Checkpoint, options: Options) -> None:
     where = ckpt.root / CONFIG_NAME
     if options.target not in TARGETS:
         raise UserError(f"unknown target {options.target!r} (one of {', '.join(TARGETS)})")

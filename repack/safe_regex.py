@@ -10,16 +10,14 @@ MAX_STATES states are refused with :class:`UnsafePattern`.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
+import sys
 import unicodedata
-from typing import Callable
+from typing import Any, Callable
 
-try:
-    from re import _constants as C  # type: ignore[attr-defined]
-    from re import _parser as P  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as C  # type: ignore[no-redef]
-    import sre_parse as P  # type: ignore[no-redef]
+C: Any = importlib.import_module("re._constants" if sys.version_info >= (3, 11) else "sre_constants")
+P: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 
 MAX_PATTERN = 1000
 MAX_STATES = 4000
@@ -50,6 +48,14 @@ def _category(cat) -> Pred:
     return table[cat]
 
 
+def _is(ch: str) -> Pred:
+    return lambda c: c == ch
+
+
+def _within(lo: int, hi: int) -> Pred:
+    return lambda c: lo <= ord(c) <= hi
+
+
 def _char_class(items) -> Pred:
     negate = False
     preds: list[Pred] = []
@@ -57,9 +63,9 @@ def _char_class(items) -> Pred:
         if op is C.NEGATE:
             negate = True
         elif op is C.LITERAL:
-            preds.append(lambda c, ch=chr(av): c == ch)
+            preds.append(_is(chr(av)))
         elif op is C.RANGE:
-            preds.append(lambda c, lo=av[0], hi=av[1]: lo <= ord(c) <= hi)
+            preds.append(_within(av[0], av[1]))
         elif op is C.CATEGORY:
             preds.append(_category(av))
         else:
@@ -87,9 +93,10 @@ class _NFA:
 
     def node(self, op, av, nxt: int) -> int:
         if op is C.LITERAL:
-            return self.add("char", lambda c, ch=chr(av): c == ch, nxt)
+            return self.add("char", _is(chr(av)), nxt)
         if op is C.NOT_LITERAL:
-            return self.add("char", lambda c, ch=chr(av): c != ch, nxt)
+            is_ch = _is(chr(av))
+            return self.add("char", lambda c: not is_ch(c), nxt)
         if op is C.ANY:
             return self.add("char", lambda c: c != "\n", nxt)
         if op is C.IN:

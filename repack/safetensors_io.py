@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,11 @@ def read_prefix(path: str | os.PathLike) -> tuple[bytes, int]:
     """The first ``8 + N`` bytes of a shard (length word and JSON header) and the file's size."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{path}: truncated: {size} bytes, shorter than the 8-byte header length")
@@ -106,6 +110,8 @@ def parse_header(prefix: bytes, path: Path, file_size: int | None = None) -> Hea
         obj = json.loads(prefix[8:].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise FormatError(f"{path}: header is nested too deeply") from e
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     meta = obj.pop("__metadata__", None)

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 import queue
+import stat
 import threading
 from pathlib import Path
 
@@ -173,8 +174,12 @@ class SeqReader:
 
     def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_behind: bool = False):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
+        self.size = st.st_size
         share = cached_share(self.fd, self.size)
         self.warm = share is not None and share >= WARM_SHARE
         self.direct = not self.warm and _try_direct(self.fd)

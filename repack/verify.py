@@ -11,6 +11,8 @@ where the manifest records one: ``convert --no-hash`` records none).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint
+from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint, parse_json
 from repack.errors import UserError
 from repack.ops import OPS, Difference, Found, Place, Progress, first_diff
 from repack.output import MANIFEST_NAME, Manifest, ManifestError
-from repack.plan import Options, Plan, ShardPlan, build_plan
+from repack.plan import Options, Plan, ShardPlan, build_plan, check_options
 from repack.run import ProgressFactory, cores, effective_workers, no_progress
 from repack.safetensors_io import read_header
 from repack.stream import SeqReader, sha256_file
@@ -70,8 +72,9 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
         manifest = Manifest.load(dst)
         if manifest is None:
             return _refused(mpath, "missing: the conversion is incomplete or DST is not a w3repack output")
-        options = Options.from_json(manifest.options)
-    except (ManifestError, TypeError) as e:
+        options = _options(manifest.options)
+        check_options(ckpt, options)
+    except (ManifestError, TypeError, UserError) as e:
         why = str(e).split("unreadable manifest ", 1)[-1] if isinstance(e, ManifestError) else f"({e})"
         return _refused(mpath, f"unreadable manifest {why}")
     plan = build_plan(ckpt, options)
@@ -80,6 +83,7 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
     lock = threading.Lock()
     dst_sha: dict[str, str] = {}
     shard_diffs: dict[str, Difference] = {}
+    src_diffs: dict[str, Difference] = {}
     shards = [s for s in plan.shards if (dst / s.name).is_file()]
     man_out = {f.name: f for f in manifest.output_shards}
     man_src = {f.name: f for f in manifest.source_files}
@@ -92,8 +96,14 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
         def job(sp: ShardPlan) -> None:
             local: dict[str, int] = {}
             try:
+                src_sha: list[str | None] = []
+                want_src = man_src[sp.name].sha256 if sp.name in man_src else None
                 sha = verify_shard(plan, sp, dst, local, advance, hashed=manifest.output_sha(sp.name) is not None,
-                                   spread=n < cores())
+                                   spread=n < cores(), source_sha=src_sha if want_src is not None else None)
+                if src_sha and src_sha[0] != want_src:
+                    with lock:
+                        src_diffs[sp.name] = Difference(str(mpath), None, None,
+                                                        f"sha256 recorded for source {sp.name} does not match the source")
                 if sha is not None:
                     dst_sha[sp.name] = sha
             except Found as f:
@@ -109,6 +119,8 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
     for sp in plan.shards:
         if sp.name in shard_diffs:
             diffs.append(shard_diffs[sp.name])
+        elif sp.name in src_diffs:
+            diffs.append(src_diffs[sp.name])
     for sp in plan.shards:
         rec = man_out.get(sp.name)
         if manifest.shard_hashes and (rec is None or rec.sha256 is None):
@@ -124,27 +136,70 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
     )
 
 
+def _options(obj: dict) -> Options:
+    """A manifest's options, each of the type convert writes (TypeError otherwise)."""
+    defaults = Options().to_json()
+    for k, v in obj.items():
+        if k not in defaults or type(v) is not type(defaults[k]):
+            raise TypeError(f"option {str(k)[:40]}={json.dumps(v)[:40]} is not one convert writes")
+    return Options.from_json(obj)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as JSON, types included (``256`` is not ``256.0``, ``false`` is not ``0``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _tree(dst: Path) -> tuple[set[str], list[str]]:
+    """Regular files in DST (relative names) and everything else found there (links, special files), unfollowed."""
+    files, odd = set(), []
+    for dirpath, dirnames, filenames in os.walk(dst):
+        rel = Path(dirpath).relative_to(dst)
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                odd.append(str(rel / d))
+                dirnames.remove(d)
+        for fn in filenames:
+            p = os.path.join(dirpath, fn)
+            if os.path.islink(p) or not stat.S_ISREG(os.lstat(p).st_mode):
+                odd.append(str(rel / fn))
+            else:
+                files.add(str(rel / fn))
+        if not dirnames and not filenames and rel != Path("."):
+            odd.append(str(rel) + "/")
+    return files, sorted(odd)
+
+
 def _check_metadata(plan: Plan, dst: Path, manifest: Manifest) -> list[Difference]:
     diffs = []
     expected_files = {s.name for s in plan.shards}
-    present = {str(p.relative_to(dst)) for p in dst.rglob("*.safetensors") if not p.name.startswith(".")}
+    files, odd = _tree(dst)
+    present = {f for f in files if f.endswith(".safetensors")}
     for name in sorted(expected_files - present):
         diffs.append(Difference(str(dst / name), None, None, "output shard missing"))
+    known = plan.output_files() | {MANIFEST_NAME}
+    for name in sorted(files - known - (present - expected_files)) + odd:
+        diffs.append(Difference(str(dst / name), None, None, "unexpected in output: convert does not write it"))
     for name in sorted(present - expected_files):
         diffs.append(Difference(str(dst / name), None, None, "unexpected shard in output"))
     for name, data in plan.metadata_files().items():
         p = dst / name
-        try:
-            have = json.loads(p.read_text())
-        except FileNotFoundError:
-            diffs.append(Difference(str(p), None, None, "missing"))
+        if name not in files:
+            if name not in odd:
+                diffs.append(Difference(str(p), None, None, "missing"))
             continue
-        except ValueError as e:
-            diffs.append(Difference(str(p), None, None, f"not valid JSON ({e})"))
+        raw = p.read_bytes()
+        if raw == data:
+            continue
+        try:
+            have = parse_json(raw, p, "file")
+        except UserError as e:
+            diffs.append(Difference(str(p), None, None, str(e).removeprefix(f"{p}: ")))
             continue
         want = json.loads(data)
-        if have != want:
-            diffs.append(Difference(str(p), None, None, _json_diff(want, have)))
+        why = _json_diff(want, have) if not _same(want, have) else "bytes differ from what convert writes"
+        diffs.append(Difference(str(p), None, None, why))
+    diffs += _check_manifest(plan, dst, manifest)
     if plan.quant_config_file is None and (dst / QCONFIG_NAME).exists():
         diffs.append(Difference(str(dst / QCONFIG_NAME), None, None, "present in output but not in source"))
     if plan.index is None and (dst / INDEX_NAME).exists():
@@ -176,6 +231,39 @@ def _check_metadata(plan: Plan, dst: Path, manifest: Manifest) -> list[Differenc
     return diffs
 
 
+def _check_manifest(plan: Plan, dst: Path, man: Manifest) -> list[Difference]:
+    """Every value in the manifest that follows from the plan, types included; its bytes as convert writes them."""
+    mpath = dst / MANIFEST_NAME
+    out = []
+    raw = mpath.read_bytes() if mpath.is_file() and not mpath.is_symlink() else b""
+    if raw != json.dumps(man.to_json(), indent=2).encode() + b"\n":
+        out.append("bytes differ from what convert writes (a key or value it does not write)")
+    want = {
+        "counts": plan.counts(),
+        "float_modules": plan.float_modules,
+        "total_size": plan.out_shard_bytes,
+        "output_shards": [[s.name, s.out_size] for s in plan.shards],
+        "source_files": [[s.name, s.src_size] for s in plan.shards],
+        "copied_files": list(plan.extra_files),
+    }
+    have = {
+        "counts": man.counts,
+        "float_modules": man.float_modules,
+        "total_size": man.total_size,
+        "output_shards": [[f.name, f.size] for f in man.output_shards],
+        "source_files": [[f.name, f.size] for f in man.source_files],
+        "copied_files": [f.name for f in man.copied_files],
+    }
+    for key in want:
+        if not _same(want[key], have[key]):
+            out.append(f"{key} is not what convert writes")
+    if not _same({k: v for k, v in plan.options.to_json().items() if k in man.options}, man.options):
+        out.append("options are not what convert writes")
+    if not all(isinstance(f.sha256, (str, type(None))) for f in man.output_shards + man.copied_files):
+        out.append("a sha256 is not a string")
+    return [Difference(str(mpath), None, None, f"manifest {m}") for m in out]
+
+
 def _json_diff(want: object, have: object, path: str = "") -> str:
     if isinstance(want, dict) and isinstance(have, dict):
         for k in sorted(set(want) | set(have), key=str):
@@ -183,13 +271,13 @@ def _json_diff(want: object, have: object, path: str = "") -> str:
                 return f"key {path}{k} missing"
             if k not in want:
                 return f"unexpected key {path}{k}"
-            if want[k] != have[k]:
+            if not _same(want[k], have[k]):
                 return _json_diff(want[k], have[k], f"{path}{k}.")
     return f"value at {path.rstrip('.') or '(root)'} is {json.dumps(have)[:80]}, expected {json.dumps(want)[:80]}"
 
 
 def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True,
-                 spread: bool = False) -> str | None:
+                 spread: bool = False, source_sha: list[str | None] | None = None) -> str | None:
     """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on a thread of its own)."""
     dpath = dst / sp.name
     dname = str(dpath)
@@ -204,7 +292,8 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             if t is None or t.dtype != dt or t.shape != shape:
                 raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape or ()))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr, dr = SeqReader(plan.ckpt.root / sp.name, hashed=False), SeqReader(dpath, hashed=hashed, hash_behind=spread)
+    sr = SeqReader(plan.ckpt.root / sp.name, hashed=source_sha is not None)
+    dr = SeqReader(dpath, hashed=hashed, hash_behind=spread)
     try:
         sr.read(sp.src.data_offset)
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)
@@ -218,6 +307,8 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             OPS[op.op].verify(plan.ckpt, op, sr, dr, Place(dname, base, src_name))
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
             progress(op.src.nbytes)
+        if source_sha is not None:
+            source_sha.append(sr.hexdigest())
         return dr.hexdigest()
     finally:
         sr.close()

@@ -173,7 +173,7 @@ def test_manifest_without_the_new_options_verifies_as_written_before_them(mtp_sr
             del d[k]
     for k in ("mtp", "dense_attention", "target"):
         del man[k]
-    (dst / "w3repack.json").write_text(json.dumps(man))
+    (dst / "w3repack.json").write_text(json.dumps(man, indent=2) + "\n")
     assert verify(mtp_src, dst).ok
 
 

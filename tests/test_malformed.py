@@ -351,7 +351,7 @@ def m_duplicate_tensor(root):
 
 def m_control_chars_in_name(root):
     edit_json(root / INDEX, lambda ix: ix["weight_map"].update({"model.norm.weight": "a\nb\x85c.safetensors"}))
-    return [INDEX, "a\\nb\\x85c.safetensors", "missing"]
+    return [INDEX, "a\\nb\\x85c.safetensors", "not a plain relative file name"]
 
 
 def m_index_not_json(root):

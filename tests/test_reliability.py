@@ -291,9 +291,11 @@ def test_refuses_foreign_destination_unless_overwrite(src_copy, tmp_path):
     assert_refused(cli("convert", src_copy, dst), str(dst), "not empty", "--overwrite")
     assert sorted(os.listdir(dst)) == ["config.json", "notes.txt"]
     assert (dst / "notes.txt").read_text() == "mine\n"
+    assert_refused(cli("convert", src_copy, dst, "--overwrite"), str(dst / "notes.txt"), "did not write")
+    assert (dst / "notes.txt").read_text() == "mine\n", "--overwrite removes only what w3repack writes"
+    (dst / "notes.txt").unlink()
     r = cli("convert", src_copy, dst, "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert not (dst / "notes.txt").exists()
     assert cli("verify", src_copy, dst).returncode == 0
     assert tree_hashes(src_copy) == before
 
@@ -368,16 +370,20 @@ def test_disk_filling_up_mid_run_is_a_clean_refusal_and_resumes(big, tiny_fs):
     assert tree_hashes(src) == before
 
 
-def test_foreign_files_in_an_earlier_run_are_refused_or_removed_with_overwrite(src_copy, tmp_path):
+def test_foreign_files_in_an_earlier_run_are_refused_even_with_overwrite(src_copy, tmp_path):
     dst = tmp_path / "dst"
     assert cli("convert", src_copy, dst).returncode == 0
     want = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     (dst / "notes.txt").write_text("mine\n")
     (dst / "sub").mkdir(exist_ok=True)
     (dst / "sub" / "junk.safetensors").write_bytes(b"x")
-    line = assert_refused(cli("convert", src_copy, dst), "did not write", "--overwrite")
+    line = assert_refused(cli("convert", src_copy, dst), "did not write")
     assert "sub/junk.safetensors" in line or "notes.txt" in line
     assert (dst / "notes.txt").exists()
+    assert_refused(cli("convert", src_copy, dst, "--overwrite"), "did not write")
+    assert (dst / "notes.txt").exists() and (dst / "sub" / "junk.safetensors").exists()
+    (dst / "notes.txt").unlink()
+    shutil.rmtree(dst / "sub")
     r = cli("convert", src_copy, dst, "--overwrite", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["shards_written"] == 0

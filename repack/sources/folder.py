@@ -19,7 +19,7 @@ class FolderSource:
 
     root: Path
     default_workers: int | None = None
-    _seen: dict = field(default_factory=dict, repr=False)
+    _seen: dict = field(default_factory=dict, repr=False, init=False)
 
     @property
     def space_hint(self) -> str:
