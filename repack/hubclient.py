@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,7 @@ from repack.safetensors_io import header_length
 
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HEADER_PROBE = 65536
+HEADER_FETCH_S = 120.0
 
 
 def parse_repo_id(src: str) -> tuple[str, str | None] | None:
@@ -142,13 +144,38 @@ def fetch_header_prefix(repo: str, commit: str, name: str) -> bytes:
     url = hf_hub_url(repo, name, revision=commit, endpoint=constants.ENDPOINT)
     headers = build_hf_headers()
     where = f"{repo}/{name}"
+    deadline = time.monotonic() + HEADER_FETCH_S
     with hub_errors(f"{repo}@{commit}: {name} header"):
-        r = get_session().get(url, headers={**headers, "range": f"bytes=0-{HEADER_PROBE - 1}"}, timeout=30)
-        hf_raise_for_status(r)
-        data = bytes(r.content)
+        data = _get_range(get_session(), hf_raise_for_status, url, headers, 0, HEADER_PROBE, deadline, where)
         n = header_length(where, data)
         if len(data) < 8 + n:
-            r = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=30)
-            hf_raise_for_status(r)
-            data = data[:8] + bytes(r.content)
+            data = data[:8] + _get_range(get_session(), hf_raise_for_status, url, headers, 8, n, deadline, where)
+        if len(data) < 8 + n:
+            raise UserError(f"{where}: the server sent {len(data)} bytes of a {8 + n}-byte header")
         return data[: 8 + n]
+
+
+def _get_range(session, raise_for_status, url: str, headers: dict, start: int, size: int, deadline: float,
+               where: str) -> bytes:
+    """At most ``size`` bytes from byte ``start`` of ``url``, before ``deadline``: a server that ignores the range
+    or sends without end is cut off, never read whole."""
+    buf = bytearray()
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise UserError(f"{where}: header fetch took more than {HEADER_FETCH_S:.0f} s")
+    rng = {"range": f"bytes={start}-{start + size - 1}"}
+    with session.stream("GET", url, headers={**headers, **rng}, timeout=min(30.0, remaining)) as r:
+        if r.status_code >= 400:
+            r.read()
+        raise_for_status(r)
+        skip = start if r.status_code == 200 else 0  # range ignored: the body starts at byte 0
+        for chunk in r.iter_bytes():
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            buf += chunk
+            if len(buf) >= size:
+                break
+            if time.monotonic() > deadline:
+                raise UserError(f"{where}: header fetch took more than {HEADER_FETCH_S:.0f} s")
+    return bytes(buf[:size])
