@@ -36,6 +36,7 @@ INDEXER_INFIX = ".self_attn.indexer."
 # VocabParallelEmbedding without quant_config; shared_head.head: ParallelLMHead, unquantized under a GPTQ config)
 MTP_FLOAT_PARTS = ("eh_proj", "shared_head.head", "embed_tokens")
 TARGETS = ("repack", "native")
+MAX_SOURCE_ENTRIES = 100_000
 V32_ARCH, V3_ARCH = "DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM"
 DENSE_MEANING = (
     "DeepSeek-V3.2 config rewritten as DeepSeek-V3 (dense MLA attention) and the sparse-attention indexer left out: "
@@ -386,17 +387,22 @@ def _extra_files(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
 
     own = set(ckpt.shards) | {INDEX_NAME, CONFIG_NAME, QCONFIG_NAME, MANIFEST_NAME}
     extra, skipped = [], []
-    seen: set[str] = set()
+    entries = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=refuse):
-        real_dir = os.path.realpath(dirpath)
-        if real_dir in seen:
-            raise UserError(f"{dirpath}: a folder link loops back into the source; refused")
-        seen.add(real_dir)
+        real_dir = Path(os.path.realpath(dirpath))
         for d in dirnames:
-            if not d.startswith(".") and os.path.islink(os.path.join(dirpath, d)) and not contained(Path(dirpath, d)):
-                raise UserError(f"{Path(dirpath, d)}: a link to a folder outside the source "
-                                f"({os.path.realpath(os.path.join(dirpath, d))}); refused")
+            link = Path(dirpath, d)
+            if d.startswith(".") or not link.is_symlink():
+                continue
+            if not contained(link):
+                raise UserError(f"{link}: a link to a folder outside the source ({os.path.realpath(link)}); refused")
+            target = Path(os.path.realpath(link))
+            if target == real_dir or target in real_dir.parents:
+                raise UserError(f"{link}: a folder link that loops back into the source; refused")
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        entries += len(dirnames) + len(filenames)
+        if entries > MAX_SOURCE_ENTRIES:
+            raise UserError(f"{root}: more than {MAX_SOURCE_ENTRIES} files and folders (through folder links); refused")
         for fn in sorted(filenames):
             if fn.startswith("."):
                 continue
