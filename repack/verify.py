@@ -259,6 +259,25 @@ def _check_manifest(plan: Plan, dst: Path, man: Manifest) -> list[Difference]:
             out.append(f"{key} is not what convert writes")
     if not _same({k: v for k, v in plan.options.to_json().items() if k in man.options}, man.options):
         out.append("options are not what convert writes")
+    fp = man.fingerprint
+    hub = fp.get("source_hub")
+    fp_files = fp.get("source_files")
+    want_fp = {s.name: s.src_size for s in plan.shards}
+    if (set(fp) - {"source_hub"} != {"tool_version", "options", "source_files"} or fp.get("tool_version") != man.tool_version
+            or not isinstance(fp_files, dict) or set(fp_files) != set(want_fp)
+            or any(not isinstance(v, list) or not v or not all(type(x) is int for x in v) or v[0] != want_fp[k]
+                   for k, v in fp_files.items())):
+        out.append("fingerprint is not what convert writes")
+    if (man.hub is None) != (hub is None) or (hub is not None and man.hub is not None and not _same(
+            {k: man.hub.get(k) for k in ("repo", "commit")}, hub)):
+        out.append("hub source does not match the fingerprint")
+    if man.verify is not None and hub is None:
+        out.append("holds a verify record that only a hub conversion writes")
+    if set(man.records) - set(plan.records):
+        out.append(f"holds keys convert does not write ({', '.join(sorted(set(man.records) - set(plan.records)))[:80]})")
+    hashes = [f.sha256 for f in man.output_shards + man.source_files]
+    if man.shard_hashes != (bool(hashes) and all(isinstance(h, str) for h in hashes)):
+        out.append("shard_hashes does not match the hashes it records")
     if not all(isinstance(f.sha256, (str, type(None))) for f in man.output_shards + man.copied_files):
         out.append("a sha256 is not a string")
     return [Difference(str(mpath), None, None, f"manifest {m}") for m in out]
