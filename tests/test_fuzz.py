@@ -168,3 +168,115 @@ def test_run_cli_in_process_sees_real_outcomes(pristine, tmp_path):
     assert check_outcome(src, tmp_path / "ok") == "converted"
     apply(src, ("flip", shards(src)[0].name, 9, 0x40))
     assert check_outcome(src, tmp_path / "bad") == "refused"
+
+
+# --- tampering with a finished DST: verify reports it (exit 1), or the mutation changed no byte --------------
+
+UNPINNED = (("source", "path"),)  # where the source lay: verify may be given the same source under another path
+
+
+@pytest.fixture(scope="module")
+def finished(pristine, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("fuzz-dst") / "dst"
+    code, _, err = run_cli("convert", pristine, dst, "--workers", "1")
+    assert code == 0, err
+    return dst
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _unpinned(path: tuple) -> bool:
+    """Manifest values that record the conversion's environment, not its output: the source's path and times."""
+    return path[:2] in UNPINNED or (len(path) == 4 and path[:2] == ("fingerprint", "source_files") and path[3] == 1)
+
+
+@st.composite
+def dst_mutation(draw, root: Path):
+    files = _files(root)
+    kind = draw(st.sampled_from(["flip", "flip", "truncate", "append", "delete", "add", "link", "json", "json"]))
+    if kind == "add":
+        name = draw(st.sampled_from(["chat_template.jinja", "modeling_x.py", "pytorch_model.bin", ".x.safetensors",
+                                     ".w3repack/state.json", "extra/new.txt", "sub/model.safetensors", ".hidden"]))
+        return ("add", name, draw(st.binary(max_size=16)))
+    name = draw(st.sampled_from(files))
+    size = (root / name).stat().st_size
+    if kind == "flip":
+        pos = draw(st.integers(0, size - 1))
+        return ("flip", name, pos, draw(st.sampled_from([0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF])))
+    if kind == "truncate":
+        return ("truncate", name, draw(st.integers(0, size - 1)))
+    if kind == "append":
+        return ("append", name, draw(st.binary(min_size=1, max_size=16)))
+    if kind in ("delete", "link"):
+        return (kind, name)
+    jname = draw(st.sampled_from([f for f in files if f.endswith(".json")]))
+    obj = json.loads((root / jname).read_text())
+    all_paths = [p for p in paths(obj) if not (jname == "w3repack.json" and _unpinned(p))]
+    path = draw(st.sampled_from(all_paths))
+    action = draw(st.sampled_from(["set", "set", "delete"]) if path else st.just("set"))
+    return ("json", jname, list(path), action, draw(json_values) if action == "set" else None)
+
+
+def _in_unpinned_span(root: Path, name: str, pos: int) -> bool:
+    """Whether byte ``pos`` of the manifest lies in the text of an unpinned value."""
+    if name != "w3repack.json":
+        return False
+    text = (root / name).read_bytes()
+    man = json.loads(text)
+    spans = [json.dumps(man["source"]["path"])]
+    spans += [str(v[1]) for v in man["fingerprint"].get("source_files", {}).values() if len(v) > 1]
+    for s in spans:
+        start = text.find(s.encode())
+        while start != -1:
+            if start <= pos < start + len(s.encode()):
+                return True
+            start = text.find(s.encode(), start + 1)
+    return False
+
+
+def tamper(root: Path, m: tuple) -> None:
+    kind, name = m[0], m[1]
+    p = root / name
+    if kind == "flip":
+        raw = bytearray(p.read_bytes())
+        raw[m[2]] ^= m[3]
+        p.write_bytes(bytes(raw))
+    elif kind == "truncate":
+        p.write_bytes(p.read_bytes()[: m[2]])
+    elif kind == "append":
+        p.write_bytes(p.read_bytes() + m[2])
+    elif kind == "delete":
+        p.unlink()
+    elif kind == "add":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            p.write_bytes(m[2])
+    elif kind == "link":
+        copy = root.parent / "elsewhere"
+        copy.write_bytes(p.read_bytes())
+        p.unlink()
+        p.symlink_to(copy)
+    else:
+        apply(root, m)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_tampering_with_a_finished_output_fails_verify(pristine, finished, data):
+    m = data.draw(dst_mutation(finished), label="mutation")
+    if m[0] == "flip" and _in_unpinned_span(finished, m[1], m[2]):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(shutil.copytree(finished, Path(tmp) / "dst", symlinks=True))
+        before = {f: (dst / f).read_bytes() for f in _files(dst)}
+        tamper(dst, m)
+        after = {str(p.relative_to(dst)): p.read_bytes() for p in dst.rglob("*") if p.is_file() or p.is_symlink()}
+        links = [p for p in dst.rglob("*") if p.is_symlink()]
+        code, out, err = run_cli("verify", pristine, dst)
+        if after == before and not links:
+            assert code == 0, (out, err)
+        else:
+            assert code == 1, (m, code, out, err)
+            assert "Traceback" not in err
