@@ -255,7 +255,7 @@ def read_index(root: Path, files_present: bool = True) -> tuple[dict | None, lis
         raise FormatError(f"{ipath}: metadata is {type(index['metadata']).__name__}, not an object")
     files: set[str] = set()
     for t, s in index["weight_map"].items():
-        if s not in files:
+        if not isinstance(s, str) or s not in files:
             why = shard_name_problem(s)
             if why:
                 raise FormatError(f"{ipath}: tensor {str(t)[:200]}: shard name {str(s)[:200]!r} {why}")
