@@ -236,12 +236,11 @@ def _split(items: list, shard_bytes: int, traps: bool) -> list[list]:
     return shards
 
 
-def write_checkpoint(root: str | Path, spec: TinySpec = TinySpec(), single_file: bool = False) -> Path:
-    """Write the checkpoint (shards, index, config, generation config, a README) into ``root``."""
-    root = Path(root)
+def write_shards(root: Path, items: list, shard_bytes: int, traps: bool = False, single_file: bool = False) -> None:
+    """``items`` ((name, dtype, shape, raw bytes), in file order) as shards of at most ``shard_bytes`` named
+    ``model-XXXXX-of-YYYYY.safetensors`` plus their index, or one ``model.safetensors``."""
     root.mkdir(parents=True, exist_ok=True)
-    items = tensors(spec)
-    groups = [items] if single_file else _split(items, spec.shard_bytes, spec.traps)
+    groups = [items] if single_file else _split(items, shard_bytes, traps)
     names = (
         ["model.safetensors"]
         if single_file
@@ -261,6 +260,12 @@ def write_checkpoint(root: str | Path, spec: TinySpec = TinySpec(), single_file:
     if not single_file:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(root: str | Path, spec: TinySpec = TinySpec(), single_file: bool = False) -> Path:
+    """Write the checkpoint (shards, index, config, generation config, a README) into ``root``."""
+    root = Path(root)
+    write_shards(root, tensors(spec), spec.shard_bytes, spec.traps, single_file)
     cfg = deepseek_config(spec)
     (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (root / "quantization_config.json").write_text(json.dumps(cfg["quantization_config"], indent=2) + "\n")

@@ -61,7 +61,6 @@ def write_source(root: Path, spec) -> None:
     signs, qzeros the symmetric 3-bit words, so the model is a valid 3-bit auto_round:auto_gptq checkpoint.
     """
     from repack import codec, synth
-    from repack.safetensors_io import build_header
 
     rng = np.random.default_rng(0)
     blocks: dict = {}
@@ -103,27 +102,7 @@ def write_source(root: Path, spec) -> None:
     tensors += [("model.norm.weight", "BF16", (h,), norm(h)),
                 ("lm_head.weight", "BF16", (spec.vocab, h), bf16((spec.vocab, h), 0.02).tobytes())]
 
-    root.mkdir(parents=True, exist_ok=True)
-    shards, cur, size = [], [], 0
-    for t in tensors:
-        if cur and size + len(t[3]) > spec.shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(t)
-        size += len(t[3])
-    shards.append(cur)
-    weight_map, total = {}, 0
-    for i, group in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        prefix_bytes, _ = build_header([(n, d, s) for n, d, s, _ in group], {"format": "pt"})
-        with open(root / name, "wb") as f:
-            f.write(prefix_bytes)
-            for n, _, _, raw in group:
-                f.write(raw)
-                total += len(raw)
-                weight_map[n] = name
-    (root / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+    synth.write_shards(root, tensors, spec.shard_bytes)
     cfg = synth.deepseek_config(spec)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
     (root / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
