@@ -299,8 +299,9 @@ class Output:
         finally:
             os.close(pfd)
 
-    def _read(self, rel: str, limit: int) -> bytes | None:
-        """DST/``rel`` read without following links; None if it is missing, a link or not a regular file."""
+    def _open_regular(self, rel: str) -> tuple[int, int] | None:
+        """(fd, size) of DST/``rel`` opened without following links; None if it is missing, a link or not a
+        regular file. The caller closes the fd."""
         try:
             pfd, name = self._parent(rel, create=False)
         except (OSError, UserError):
@@ -311,11 +312,21 @@ class Output:
             return None
         finally:
             os.close(pfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st.st_size
+
+    def _read(self, rel: str, limit: int) -> bytes | None:
+        """DST/``rel`` read without following links; None if it is missing, a link, not a regular file or over
+        ``limit`` bytes."""
+        opened = self._open_regular(rel)
+        if opened is None:
+            return None
+        fd, size = opened
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-                return None
-            return os.read(fd, st.st_size + 1)[:limit]
+            return None if size > limit else os.read(fd, size + 1)[:limit]
         finally:
             os.close(fd)
 
@@ -483,19 +494,12 @@ class Output:
 
     def _hash_regular(self, rel: str, size: int, hashed: bool) -> str | bool | None:
         """sha256 of DST/``rel`` (None unless ``hashed``); False unless it is a regular file of ``size`` bytes."""
-        try:
-            pfd, name = self._parent(rel, create=False)
-        except (OSError, UserError):
+        opened = self._open_regular(rel)
+        if opened is None:
             return False
+        fd, actual = opened
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
-        except OSError:
-            return False
-        finally:
-            os.close(pfd)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            if actual != size:
                 return False
             if not hashed:
                 return None
