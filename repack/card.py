@@ -206,8 +206,10 @@ def build_card(dst: Path, repo_id: str, verify_report: dict | None = None) -> st
         out.append(f"| {s.name} | `{srcs.get(s.name) or 'not recorded'}` | `{s.sha256 or 'not recorded'}` |")
     out += ["", "## Memory plan", ""]
     if rows:
-        out += ["From `w3repack plan` (shard headers and config.json; stated allowances for activations, CUDA graphs and "
-                 "NCCL) for every recipe shipped with w3repack and a few generic setups.", ""] + memory_section(rows)
+        out += ["From `w3repack plan` (shard headers and config.json; vLLM's allowances for activations, CUDA graphs and "
+                 "non-torch memory as calibrated in w3repack's rehearsals, docs/benchmarks.md) for every recipe shipped "
+                 "with w3repack and a few generic setups. `w3repack rehearse` measures one rank on your own GPU.", ""] \
+            + memory_section(rows)
     else:
         out += [f"The planner could not run, so there is no memory plan: {plan_error}"]
     out += ["", "## Serve with vLLM", ""]

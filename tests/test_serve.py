@@ -75,9 +75,13 @@ def test_replica_on_8xa100_fits_with_long_context(replica):
     p = _plan(replica, 8, 40.0, "8.0")
     assert p["fits"] is True and p["alternatives"] == []
     a = p["allowances_gib"]
-    kv_gib = 40.0 * 0.90 - p["weights_gib_per_gpu"] - a["activations"] - a["cuda_graphs"] - a["non_torch"]
-    cap = int(kv_gib * GIB // (576 * 61 * 2 + 61 * 132))
-    assert abs(p["capacity_tokens"] - cap) <= 200
+    # no measured figure for a 40 GiB card: CUDA's total is taken 0.6 GiB below nvidia-smi's
+    assert p["cuda_memory_gib"] == pytest.approx(39.4) and "estimate" in p["cuda_memory_source"]
+    assert a["tp_comm"] > 0 and a["margin"] > 0  # TP 8: lazily connected NCCL channels, which one GPU cannot show
+    kv_gib = 39.4 * 0.90 - p["weights_gib_per_gpu"] - a["activations"] - a["cuda_graphs"] - a["non_torch"] - a["tp_comm"] - a["margin"]
+    per_token = 576 * 61 * 2 + 61 * 132
+    cap = (int(kv_gib * GIB // (per_token * 64)) - 1) * 64  # whole 64-token blocks, one kept back by vLLM
+    assert abs(p["capacity_tokens"] - cap) <= 64
     assert p["max_model_len"] == min(163840, p["capacity_tokens"] // 1024 * 1024)
     assert ["--tensor-parallel-size", "8"] == p["vllm_args"][:2]
     assert any("V3.2" in w for w in p["warnings"])

@@ -1,28 +1,23 @@
 """GPU memory plan for serving a checkpoint with vLLM, from shard headers and config.json alone.
 
-Weights per GPU follow vLLM's tensor-parallel sharding (DeepSeek-V2/V3/V3.2 names, then a generic rule set
-for other dense and MoE models): routed and shared experts and dense MLPs split on the intermediate dim,
-attention heads split (``q_b_proj``, ``kv_b_proj``, ``o_proj``), embeddings and ``lm_head`` split on the
-vocabulary (padded to 64), everything else replicated (``q_a_proj``, ``kv_a_proj_with_mqa``, norms, router
-gate, ``e_score_correction_bias``, the V3.2 indexer). Pipeline parallelism splits layers the way vLLM's
-``get_pp_indices`` does. MTP/next-n layers (``layers.{num_hidden_layers}+``) are not loaded by ``vllm serve``
-and are not counted.
+Weights per GPU: each tensor's share on one rank (:mod:`repack.serve.sharding`, from the model's
+:class:`~repack.serve.arch.ArchSpec`), counted as vLLM holds it: packed ``qweight``/``qzeros`` as stored;
+``scales`` at 2 bytes (Marlin/Humming keep them in the activation dtype); ``g_idx`` 0 (dropped without act-order);
+float weights at the model dtype (a float32 ``kv_b_proj`` from ``w3repack convert`` costs 2 bytes/elem in bf16),
+except ``e_score_correction_bias`` (vLLM keeps it float32). A still-quantized ``kv_b_proj`` adds its dequantized
+bf16 copy (MLA weight absorption). Pipeline parallelism splits layers the way vLLM's ``get_pp_indices`` does.
+MTP/next-n layers (``layers.{num_hidden_layers}+``) are loaded only for speculative decoding.
 
-Bytes counted per tensor: packed ``qweight``/``qzeros`` as stored; ``scales`` at 2 bytes (Marlin keeps them
-in the activation dtype); ``g_idx`` 0 (dropped without act-order); float weights at the model dtype, which is
-how vLLM loads them (a float32 ``kv_b_proj`` from ``w3repack convert`` costs 2 bytes/elem in bf16), except
-``e_score_correction_bias`` (vLLM keeps it float32). A still-quantized ``kv_b_proj`` adds its dequantized
-bf16 copy (MLA weight absorption).
-
-Memory model per GPU (vLLM V1): budget = ``gpu_memory × utilization``; KV cache = budget − weights on GPU −
-allowances. Allowances (stated, not measured on every card): activations 1.0 GiB per 2048 batched tokens at
-hidden size 7168, scaled linearly with both, at least 0.5 GiB; CUDA graphs 0.5 GiB (0 with eager mode);
-NCCL/cuBLAS/non-torch 0.5 GiB with more than one GPU, else 0.25 GiB. The CUDA context (~0.5 GiB) sits
-outside the budget and must fit in ``(1 − utilization) × gpu_memory``.
+Memory per GPU follows vLLM's own accounting (:mod:`repack.serve.calibration`): budget = the memory CUDA reports
+(below nvidia-smi's total) × utilization; KV cache = budget − weights − the allowances calibrated for this vLLM
+version (non-torch memory, the activation peak at ``max_num_batched_tokens``, CUDA graphs), less a stated
+allowance for what one GPU cannot show at TP > 1 (lazily connected NCCL channels) and a margin. A rehearsal
+(``w3repack rehearse``) replaces the KV figure by what vLLM itself allocated for one rank.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -32,7 +27,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from repack.errors import FormatError, UserError
-from repack.safetensors_io import read_header
+from repack.serve import calibration
+from repack.serve.arch import ArchSpec, Layout, spec_for, unknown_warning
+from repack.serve.arch.base import LAYER_RE, positive_int
+from repack.serve.sharding import QUANT_PARTS, shard
 
 GIB = 1 << 30
 DEFAULT_GPUS = 8
@@ -41,21 +39,8 @@ DEFAULT_CC = "8.6"
 DEFAULT_UTILIZATION = 0.90
 MIN_CONTEXT = 4096
 CONTEXT_STEP = 1024
-ACT_GIB_PER_2K_TOKENS = 1.0
-ACT_REF_HIDDEN = 7168
-ACT_MIN_GIB = 0.5
-CUDA_GRAPHS_GIB = 0.5
-NON_TORCH_GIB_MULTI = 0.5
-NON_TORCH_GIB_SINGLE = 0.25
-CUDA_CONTEXT_GIB = 0.5
-INDEXER_QUANT_BLOCK = 128
-QUANT_PARTS = ("qweight", "qzeros", "scales", "g_idx")
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-COL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "gate_up_proj",
-       "w1", "w3", "c_fc", "c_attn", "query_key_value", "fc1", "wqkv"}
-ROW = {"o_proj", "down_proj", "w2", "dense", "c_proj", "fc2", "out_proj", "wo"}
-VOCAB = {"embed_tokens", "lm_head", "head", "wte", "word_embeddings", "embed_in", "embed_out"}
-REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "gate", "router"}
+KV_BLOCK = 64  # tokens per KV block at most (FlashMLA's block size; others use 16): capacity is rounded to it
+MAX_LAYERS = 10_000
 CONSUMER_RE = re.compile(r"GeForce|RTX [2-5]0[5-9]0", re.I)
 
 
@@ -71,6 +56,11 @@ class Gpu:
     def cc_tuple(self) -> tuple[int, int]:
         major, _, minor = self.cc.partition(".")
         return int(major), int(minor or 0)
+
+    @property
+    def card(self) -> calibration.CardMemory:
+        """The memory CUDA can use on this card (below nvidia-smi's ``memory_gib``)."""
+        return calibration.card_memory(self.memory_gib, self.name)
 
 
 @dataclass
@@ -88,27 +78,35 @@ class Request:
     speculative: int = 0  # MTP draft tokens (deepseek_mtp); > 0 loads the MTP layers
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    vllm_version: str | None = None  # picks the calibration of the allowances
 
 
 @dataclass
 class Model:
+    """``tensors``: (name, dtype, shape, bytes) of every tensor, in file order; ``ckpt``: the checkpoint read, when
+    there is one (the conversion plans of the serving paths are built from it)."""
+
     root: Path
     config: dict
     tensors: list[tuple[str, str, tuple[int, ...], int]]
+    ckpt: object | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def spec(self) -> ArchSpec:
+        return spec_for(self.config)
 
     @property
     def layers(self) -> int:
-        return int(self.config.get("num_hidden_layers") or 0)
+        v = self.config.get("num_hidden_layers")
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LAYERS else 0
 
     @property
     def mla(self) -> bool:
-        return bool(self.config.get("kv_lora_rank"))
+        return self.spec.mla
 
     @property
     def v32(self) -> bool:
-        archs = self.config.get("architectures") or []
-        return ("index_topk" in self.config or "DeepseekV32ForCausalLM" in archs
-                or self.config.get("model_type") == "deepseek_v32")
+        return bool(getattr(self.spec, "v32", False))
 
     @property
     def dtype_bytes(self) -> int:
@@ -117,7 +115,8 @@ class Model:
 
     @property
     def max_positions(self) -> int:
-        return int(self.config.get("max_position_embeddings") or 0)
+        v = self.config.get("max_position_embeddings")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
     @property
     def quant_method(self) -> str | None:
@@ -125,38 +124,48 @@ class Model:
         return str(qc.get("quant_method")) if isinstance(qc, dict) and qc.get("quant_method") else None
 
 
+CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "vocab_size", "max_position_embeddings", "intermediate_size", "moe_intermediate_size",
+                "n_routed_experts", "num_experts", "num_experts_per_tok", "kv_lora_rank", "qk_rope_head_dim",
+                "index_head_dim", "num_nextn_predict_layers", "first_k_dense_replace")
+
+
+def check_config(config: dict, where: Path | str) -> None:
+    """Type and range of every config value the plan uses; a FormatError naming the key otherwise."""
+    for key in CHECKED_KEYS:
+        if key in config and config[key] is not None:
+            if key in ("num_nextn_predict_layers", "first_k_dense_replace"):
+                v = config[key]
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LAYERS:
+                    raise FormatError(f"{where}: {key} is {v!r}, expected an integer from 0 to {MAX_LAYERS}")
+                continue
+            positive_int(config, key, where=str(where))
+    positive_int(config, "num_hidden_layers", where=str(where))
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise FormatError(f"{where}: num_hidden_layers is {config['num_hidden_layers']}, more than {MAX_LAYERS}")
+    dt = config.get("torch_dtype", config.get("dtype"))
+    if dt is not None and not isinstance(dt, str):
+        raise FormatError(f"{where}: torch_dtype is {dt!r}, expected a string such as bfloat16")
+
+
+def model_from_checkpoint(ckpt) -> Model:
+    """The planner's view of a :class:`repack.checkpoint.Checkpoint` (config and headers; no tensor data)."""
+    config = ckpt.config
+    if isinstance(config.get("text_config"), dict) and "num_hidden_layers" not in config:
+        config = {**config["text_config"], "quantization_config": config.get("quantization_config")}
+    check_config(config, ckpt.root / "config.json")
+    tensors = [(t.name, t.dtype, tuple(t.shape), t.nbytes) for h in ckpt.shards.values() for t in h.ordered()]
+    return Model(ckpt.root, config, tensors, ckpt)
+
+
 def load_model(root: str | Path) -> Model:
-    """config.json and every shard header (no tensor data is read)."""
+    """config.json, the index and every shard header, through the converter's bounded strict readers."""
+    from repack.checkpoint import open_checkpoint
+
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a checkpoint folder")
-    cpath = root / "config.json"
-    try:
-        config = json.loads(cpath.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UserError(f"{cpath}: config.json not found") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{cpath}: not readable JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise FormatError(f"{cpath}: not a JSON object")
-    if isinstance(config.get("text_config"), dict) and "num_hidden_layers" not in config:
-        config = {**config["text_config"], "quantization_config": config.get("quantization_config")}
-    ipath = root / "model.safetensors.index.json"
-    if ipath.exists():
-        try:
-            wm = json.loads(ipath.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(wm.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{ipath}: no readable weight_map ({e})") from e
-    else:
-        shards = sorted(p.name for p in root.glob("*.safetensors"))
-    if not shards:
-        raise UserError(f"{root}: no safetensors shards")
-    tensors = []
-    for s in shards:
-        for t in read_header(root / s).ordered():
-            tensors.append((t.name, t.dtype, t.shape, t.nbytes))
-    return Model(root, config, tensors)
+    return model_from_checkpoint(open_checkpoint(root))
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
@@ -173,32 +182,9 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     return out
 
 
-def _rule(module: str) -> str:
-    parts = module.split(".")
-    leaf = parts[-1]
-    if "indexer" in parts or "norm" in leaf or leaf in REPLICATED:
-        return "rep"
-    if leaf in VOCAB:
-        return "vocab"
-    if leaf in COL:
-        return "col"
-    if leaf in ROW:
-        return "row"
-    return "rep"
-
-
-def _per_rank(model: Model, module: str, rule: str, nbytes: float, shape: tuple[int, ...], tp: int, quantized: bool) -> float:
-    if rule == "vocab" and not quantized and shape:
-        rows = shape[0]
-        padded = -(-rows // 64) * 64
-        return -(-padded // tp) * (nbytes / rows)
-    if rule in ("col", "row", "vocab"):
-        leaf = module.rsplit(".", 1)[-1]
-        kv_heads = model.config.get("num_key_value_heads")
-        if leaf in ("k_proj", "v_proj") and not model.mla and isinstance(kv_heads, int) and kv_heads > 0:
-            return nbytes / min(tp, kv_heads)
-        return nbytes / tp
-    return nbytes
+def _stage_of(ranges: list[range], layer: int) -> int:
+    """The pipeline stage holding ``layer``; layers past the last (MTP) go to the last stage."""
+    return min(bisect.bisect_right([r.start for r in ranges], layer) - 1, len(ranges) - 1) if ranges else 0
 
 
 @dataclass
@@ -232,47 +218,51 @@ def quant_bits(model: Model) -> dict[int, int]:
     return dict(sorted(bits.items()))
 
 
+def loaded_bytes(model: Model, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
+    """Bytes vLLM holds for a whole tensor (before sharding): see the module docstring."""
+    part = name.rpartition(".")[2]
+    numel = math.prod(shape) if shape else 1
+    if part == "g_idx":
+        return 0
+    if part == "scales":
+        return numel * 2
+    if part in QUANT_PARTS:
+        return nbytes
+    if part == "e_score_correction_bias":
+        return numel * 4
+    if dtype in ("F16", "BF16", "F32", "F64"):
+        return numel * model.dtype_bytes
+    return nbytes
+
+
 def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weights:
     """Bytes of weights each GPU of each pipeline stage holds; MTP layers (``layers.{n}+``) only with ``mtp``,
     on the last stage (vLLM builds the draft model there)."""
     n = model.layers
     ranges = stage_layers(n, pp) if n else [range(0)] * pp
-    stage_of = {}
-    for s, r in enumerate(ranges):
-        for layer in r:
-            stage_of[layer] = s
     per_stage = [0.0] * pp
     by_class: dict[str, float] = {}
     skipped = 0
     modules: dict[str, dict] = {}
-    for name, dtype, shape, nbytes in model.tensors:
-        module, _, part = name.rpartition(".")
+    rank = shard(model.spec, model.tensors, Layout(tp))
+    for t, (name, dtype, shape, nbytes) in zip(rank, model.tensors, strict=True):
+        module, part = t.module, t.part
         m = LAYER_RE.search(name)
+        is_mtp = bool(m and n and int(m.group(1)) >= n)
         if m:
-            layer = int(m.group(1))
-            if n and layer >= n and not mtp:
+            if is_mtp and not mtp:
                 skipped += nbytes
                 continue
-            stage = stage_of.get(layer, pp - 1)
+            stage = _stage_of(ranges, int(m.group(1)))
         elif "embed" in module:
             stage = 0
         else:
-            stage = pp - 1 if module.rsplit(".", 1)[-1] in VOCAB or "norm" in module else 0
-        quantized = part in QUANT_PARTS
-        numel = math.prod(shape) if shape else 1
-        if quantized:
+            stage = pp - 1 if t.split.value == "vocab" or "norm" in module else 0
+        if t.quantized:
             modules.setdefault(module, {})[part] = shape
-            loaded = 0 if part == "g_idx" else numel * 2 if part == "scales" else nbytes
-        elif part == "e_score_correction_bias":
-            loaded = numel * 4
-        elif dtype in ("F16", "BF16", "F32", "F64"):
-            loaded = numel * model.dtype_bytes
-        else:
-            loaded = nbytes
-        rule = _rule(module)
-        b = _per_rank(model, module, rule, loaded, shape, tp, quantized)
+        b = t.share(loaded_bytes(model, name, dtype, shape, nbytes))
         per_stage[stage] += b
-        key = "MTP layer (speculative decoding)" if m and n and int(m.group(1)) >= n else _class(module, quantized)
+        key = "MTP layer (speculative decoding)" if is_mtp else _class(module, t.quantized)
         by_class[key] = by_class.get(key, 0.0) + b
     bits: dict[int, int] = {}
     qkvb = qidx = 0
@@ -288,8 +278,8 @@ def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weight
             qkvb += 1
             k_in = parts["qweight"][0] * 32 // b
             extra = n_out * k_in * model.dtype_bytes / tp
-            m = LAYER_RE.search(module)
-            per_stage[stage_of.get(int(m.group(1)), pp - 1) if m else 0] += extra
+            m = LAYER_RE.search(module + ".")
+            per_stage[_stage_of(ranges, int(m.group(1))) if m else 0] += extra
             by_class["kv_b_proj dequantized copy"] = by_class.get("kv_b_proj dequantized copy", 0.0) + extra
     return Weights(per_stage, skipped, by_class, dict(sorted(bits.items())), qkvb, qidx)
 
@@ -297,7 +287,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weight
 def _class(module: str, quantized: bool) -> str:
     if ".experts." in module:
         return "routed experts"
-    if "shared_experts" in module:
+    if "shared_experts" in module or "shared_expert" in module:
         return "shared experts"
     if ".indexer" in module:
         return "indexer"
@@ -311,34 +301,9 @@ def _class(module: str, quantized: bool) -> str:
 
 
 def kv_bytes_per_layer(model: Model, tp: int, kv_dtype: str) -> tuple[int, int]:
-    """(attention KV bytes, V3.2 indexer cache bytes) per token per layer on one GPU.
-
-    DeepSeek MLA caches ``kv_lora_rank + qk_rope_head_dim`` values per token on every rank (not split by TP):
-    2 bytes each in bf16; with fp8, 1 byte each (V3) or vLLM's ``fp8_ds_mla`` layout for V3.2 (the latent in
-    fp8 plus a float32 scale per 128 values plus the rope part in bf16: 656 bytes at 512/64). The V3.2 indexer
-    cache holds ``index_head_dim`` fp8 values plus a 4-byte scale per 128 (vLLM's ``DeepseekV32IndexerCache``
-    of ``index_head_dim + index_head_dim // 128 * 4`` uint8: 132 bytes at 128),
-    per token per layer on every rank. Standard attention: ``2 × kv_heads/TP × head_dim`` values (at least
-    one head per rank).
-    """
-    c = model.config
-    fp8 = kv_dtype.startswith("fp8")
-    if model.mla:
-        lora, rope = int(c["kv_lora_rank"]), int(c.get("qk_rope_head_dim") or 0)
-        if fp8 and model.v32:
-            attn = lora + lora // 128 * 4 + rope * 2
-        else:
-            attn = (lora + rope) * (1 if fp8 else model.dtype_bytes)
-        idx = 0
-        if model.v32:
-            d = int(c.get("index_head_dim") or 128)
-            idx = d + max(1, d // INDEXER_QUANT_BLOCK) * 4
-        return attn, idx
-    heads = int(c.get("num_attention_heads") or 1)
-    kv_heads = int(c.get("num_key_value_heads") or heads)
-    head_dim = int(c.get("head_dim") or int(c.get("hidden_size", 0)) // heads)
-    per_rank = max(1, kv_heads // tp)
-    return 2 * per_rank * head_dim * (1 if fp8 else model.dtype_bytes), 0
+    """(attention KV bytes, extra cache bytes such as the V3.2 indexer's) per token per layer on one GPU, from
+    the model's architecture spec."""
+    return model.spec.kv_bytes_per_layer(tp, kv_dtype, model.dtype_bytes)
 
 
 @dataclass
@@ -360,61 +325,114 @@ class Fit:
     reason: str
 
 
-def allowances(model: Model, req: Request) -> dict:
-    tokens = req.max_num_batched_tokens or default_batched_tokens(req.gpu)
-    hidden = int(model.config.get("hidden_size") or ACT_REF_HIDDEN)
-    act = max(ACT_MIN_GIB, ACT_GIB_PER_2K_TOKENS * tokens / 2048 * hidden / ACT_REF_HIDDEN)
-    return {
-        "activations": round(act, 3),
-        "cuda_graphs": 0.0 if req.enforce_eager else CUDA_GRAPHS_GIB,
-        "non_torch": NON_TORCH_GIB_MULTI if req.tp * req.pp > 1 else NON_TORCH_GIB_SINGLE,
-        "max_num_batched_tokens": tokens,
-    }
+@dataclass(frozen=True)
+class MeasuredKV:
+    """The KV cache vLLM itself allocated for one rank of this plan (a rehearsal): bytes and tokens."""
+
+    kv_cache_gib: float
+    tokens: int
+    source: str
+
+
+def kernels(req: Request, native: bool) -> str:
+    """The weight-kernel family vLLM runs for a path: Humming for 3-bit; for 4-bit Humming on sm90 from vLLM 0.30
+    (its default there) unless ``--moe-backend marlin`` is passed, else Marlin."""
+    if native:
+        return "humming"
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        v = Version(req.vllm_version) if req.vllm_version else Version("0.33.0")
+    except InvalidVersion:
+        v = Version("0.33.0")
+    forced = " ".join(req.extra_args).replace("=", " ").split()
+    marlin = any(a == "--moe-backend" and b == "marlin" for a, b in zip(forced, forced[1:]))
+    return "humming" if req.gpu.cc_tuple >= (9, 0) and v >= Version("0.30") and not marlin else "marlin"
 
 
 def default_batched_tokens(gpu: Gpu) -> int:
-    """vLLM's default ``max_num_batched_tokens`` for ``vllm serve``: 8192 on GPUs with >= 70 GiB (not A100), else 2048."""
-    big = gpu.memory_gib >= 70 and "a100" not in (gpu.name or "").lower()
-    return 8192 if big else 2048
+    """vLLM's default ``max_num_batched_tokens`` for ``vllm serve`` on this card."""
+    return calibration.default_batched_tokens(gpu.memory_gib, gpu.name)[0]
 
 
-def fit(model: Model, req: Request, weights: Weights | None = None) -> Fit:
+def allowances(model: Model, req: Request, native: bool = False) -> dict:
+    """GiB per GPU the plan keeps from the KV cache, with the calibration they come from."""
+    cal = calibration.for_version(req.vllm_version, kernels(req, native))
+    tokens = req.max_num_batched_tokens or default_batched_tokens(req.gpu)
+    c = model.config
+    hidden = c.get("hidden_size") if isinstance(c.get("hidden_size"), int) else cal.ref_hidden
+    topk = c.get("num_experts_per_tok") if isinstance(c.get("num_experts_per_tok"), int) else 1
+    scale = hidden * max(1, topk) / (cal.ref_hidden * cal.ref_topk)
+    layers = sum(len(r) for r in stage_layers(model.layers, req.pp)[:1]) or cal.ref_layers
+    act = max(cal.act_min_gib, (cal.act_base_gib + cal.act_gib_per_1k_tokens * tokens / 1000) * scale)
+    graphs = max(cal.graphs_min_gib, cal.cuda_graphs_gib * layers / cal.ref_layers)
+    return {
+        "activations": round(act, 3),
+        "cuda_graphs": 0.0 if req.enforce_eager else round(graphs, 3),
+        "non_torch": cal.non_torch_gib,
+        "tp_comm": calibration.TP_COMM_GIB if req.tp * req.pp > 1 else 0.0,
+        "margin": calibration.MARGIN_GIB,
+        "max_num_batched_tokens": tokens,
+        "calibration": f"vLLM {cal.vllm}, {cal.kernels} kernels: {cal.source}" if cal.measured else cal.source,
+    }
+
+
+def overhead_gib(al: dict) -> float:
+    return al["activations"] + al["cuda_graphs"] + al["non_torch"] + al["tp_comm"] + al["margin"]
+
+
+def capacity(kv_bytes: float, per_token: int) -> int:
+    """Tokens a KV pool of ``kv_bytes`` holds for one sequence: whole blocks of :data:`KV_BLOCK`, less the one
+    block vLLM's block pool keeps back."""
+    if kv_bytes <= 0 or not per_token:
+        return 0
+    return max(0, int(kv_bytes // (per_token * KV_BLOCK)) - 1) * KV_BLOCK
+
+
+def fit(model: Model, req: Request, weights: Weights | None = None, native: bool = False,
+        measured: MeasuredKV | None = None) -> Fit:
+    """Weights, KV cache and the longest context on the fullest GPU; ``measured``: the rank's KV cache as vLLM
+    allocated it in a rehearsal (used instead of budget − weights − allowances)."""
     w = weights or weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     attn, idx = kv_bytes_per_layer(model, req.tp, req.kv_cache_dtype)
     ranges = stage_layers(model.layers, req.pp) if model.layers else [range(0)] * req.pp
-    al = allowances(model, req)
-    overhead = al["activations"] + al["cuda_graphs"] + al["non_torch"]
-    budget = req.gpu.memory_gib * req.utilization
-    cap = None
-    kv_gib_min = None
+    al = allowances(model, req, native)
+    budget = req.gpu.card.cuda_gib * req.utilization
+    cap: int | None = None
+    kv_gib_min: float | None = None
     for s, r in enumerate(ranges):
         per_token = (attn + idx) * len(r)
-        kv = budget - max(0.0, w.per_stage[s] / GIB - req.cpu_offload_gib) - overhead
-        tokens = int(kv * GIB // per_token) if per_token and kv > 0 else (0 if kv <= 0 else 1 << 40)
+        if measured is not None:
+            kv = measured.kv_cache_gib - al["tp_comm"]
+            tokens = min(capacity(kv * GIB, per_token),
+                         measured.tokens - (math.ceil(al["tp_comm"] * GIB / per_token) if per_token else 0))
+        else:
+            kv = budget - max(0.0, w.per_stage[s] / GIB - req.cpu_offload_gib) - overhead_gib(al)
+            tokens = capacity(kv * GIB, per_token) if per_token else (0 if kv <= 0 else 1 << 40)
         cap = tokens if cap is None else min(cap, tokens)
         kv_gib_min = kv if kv_gib_min is None else min(kv_gib_min, kv)
+    assert cap is not None and kv_gib_min is not None
+    cap = max(cap, 0)
     worst = max(range(req.pp), key=lambda s: len(ranges[s]))
     per_token_worst = (attn + idx) * len(ranges[worst])
     weights_max = max(w.per_stage) / GIB
     model_max = model.max_positions or (1 << 20)
+    short = (f"weights and allowances exceed the {budget:.2f} GiB budget" if kv_gib_min <= 0
+             else f"KV cache holds {cap} tokens")
     if req.max_model_len:
         planned = req.max_model_len
         fits = kv_gib_min > 0 and cap >= planned
-        reason = "" if fits else (
-            f"weights and allowances exceed the {budget:.2f} GiB budget" if kv_gib_min <= 0
-            else f"KV cache holds {cap} tokens, fewer than --max-model-len {planned}")
+        reason = "" if fits else (short if kv_gib_min <= 0 else f"{short}, fewer than --max-model-len {planned}")
         if planned > model_max:
             reason = reason or f"--max-model-len {planned} is above the model's max_position_embeddings {model_max}"
             fits = False
     else:
         planned = min(model_max, cap // CONTEXT_STEP * CONTEXT_STEP) if cap >= CONTEXT_STEP else cap
         fits = kv_gib_min > 0 and planned >= min(MIN_CONTEXT, model_max)
-        reason = "" if fits else (
-            f"weights and allowances exceed the {budget:.2f} GiB budget" if kv_gib_min <= 0
-            else f"KV cache holds {cap} tokens, fewer than the {MIN_CONTEXT}-token minimum")
+        reason = "" if fits else (short if kv_gib_min <= 0 else f"{short}, fewer than the {MIN_CONTEXT}-token minimum")
     return Fit(req.tp, req.pp, req.tp * req.pp, round(weights_max, 3),
                round(max(0.0, weights_max - req.cpu_offload_gib), 3), per_token_worst, attn * len(ranges[worst]),
-               idx * len(ranges[worst]), round(budget, 3), al, round(kv_gib_min, 3), max(cap, 0), max(planned, 0),
+               idx * len(ranges[worst]), round(budget, 3), al, round(kv_gib_min, 3), cap, max(planned, 0),
                bool(fits), reason)
 
 
@@ -470,9 +488,13 @@ def warnings_for(model: Model, req: Request, w: Weights, native: bool = False) -
     if req.tp * req.pp > 1 and _consumer(req):
         out.append("consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and "
                    "pass --disable-custom-all-reduce")
-    if (1 - req.utilization) * req.gpu.memory_gib < CUDA_CONTEXT_GIB:
-        out.append(f"--gpu-memory-utilization {req.utilization:g} leaves {(1 - req.utilization) * req.gpu.memory_gib:.2f} GiB "
-                   f"outside vLLM's budget; the CUDA context needs about {CUDA_CONTEXT_GIB} GiB there")
+    outside = (1 - req.utilization) * req.gpu.card.cuda_gib
+    cal = calibration.for_version(req.vllm_version, kernels(req, native))
+    need = cal.context_gib + (calibration.TP_PRE_SNAPSHOT_GIB if req.tp * req.pp > 1 else 0.0)
+    if outside < need:
+        out.append(f"--gpu-memory-utilization {req.utilization:g} leaves {outside:.2f} GiB outside vLLM's budget; the "
+                   f"CUDA context and cuBLAS handles" + (" and NCCL/all-reduce buffers" if req.tp * req.pp > 1 else "")
+                   + f" need about {need:.2f} GiB there (vLLM refuses to start when the free memory is below its budget)")
     if req.cpu_offload_gib:
         out.append(f"--cpu-offload-gb {req.cpu_offload_gib:g}: {req.cpu_offload_gib:g} GiB of weights per GPU live in host "
                    f"memory ({req.cpu_offload_gib * req.tp * req.pp:g} GiB of pinned RAM in all) and cross PCIe on every "
@@ -488,13 +510,13 @@ def _consumer(req: Request) -> bool:
     return req.gpu.cc in ("8.6", "8.9", "12.0") and req.gpu.memory_gib <= 32
 
 
-def alternatives(model: Model, req: Request, f: Fit) -> list[dict]:
+def alternatives(model: Model, req: Request, f: Fit, native: bool = False) -> list[dict]:
     """Layouts and settings that would fit, with their numbers (only when the request does not)."""
     out = []
     want = req.max_model_len or min(MIN_CONTEXT, model.max_positions or MIN_CONTEXT)
 
     def add(kind: str, text: str, r: Request) -> None:
-        g = fit(model, r)
+        g = fit(model, r, native=native)
         if g.fits:
             out.append({"kind": kind, "description": text, "gpus": g.gpus, "tensor_parallel": r.tp,
                         "pipeline_parallel": r.pp, "weights_gib_per_gpu": g.weights_gib_per_gpu,
@@ -508,9 +530,8 @@ def alternatives(model: Model, req: Request, f: Fit) -> list[dict]:
         add("utilization", "--gpu-memory-utilization 0.95", replace(req, utilization=0.95))
     if req.kv_cache_dtype == "auto" and req.gpu.cc_tuple >= (8, 9):
         add("fp8-kv", "--kv-cache-dtype fp8 (sm89+)", replace(req, kv_cache_dtype="fp8"))
-    al = allowances(model, req)
-    overhead = al["activations"] + al["cuda_graphs"] + al["non_torch"]
-    need = f.weights_gib_per_gpu + overhead + f.kv_bytes_per_token * want / GIB - f.budget_gib
+    need = f.weights_gib_per_gpu + overhead_gib(f.allowances_gib) + f.kv_bytes_per_token * (want + 2 * KV_BLOCK) / GIB \
+        - f.budget_gib
     if need > 0:
         off = math.ceil((need + req.cpu_offload_gib) * 2) / 2
         add("cpu-offload", f"--cpu-offload-gb {off:g} per GPU ({off * req.tp * req.pp:g} GiB host RAM; slow)",
@@ -545,6 +566,8 @@ class MemoryPlan:
     kv_bytes_per_token_attention: int
     kv_bytes_per_token_indexer: int
     gpu_memory_utilization: float
+    cuda_memory_gib: float
+    cuda_memory_source: str
     budget_gib: float
     allowances_gib: dict
     kv_cache_gib: float
@@ -557,6 +580,7 @@ class MemoryPlan:
     alternatives: list[dict]
     vllm_args: list[str]
     env: dict[str, str]
+    kv_measured: str | None = None  # where the KV figure was measured (a rehearsal), None: planned
 
     @property
     def gpus(self) -> int:
@@ -571,11 +595,15 @@ class MemoryPlan:
         return out
 
 
-def plan(model: Model, req: Request, native: bool = False) -> MemoryPlan:
-    """The memory plan of ``model`` served as ``req`` asks; ``native``: served at 3 bits by vLLM >= 0.30."""
+def plan(model: Model, req: Request, native: bool = False, measured: MeasuredKV | None = None) -> MemoryPlan:
+    """The memory plan of ``model`` served as ``req`` asks; ``native``: served at 3 bits by vLLM >= 0.30;
+    ``measured``: the KV cache a rehearsal of one rank measured (instead of the calibrated allowances)."""
     w = weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
-    f = fit(model, req, w)
+    f = fit(model, req, w, native, measured)
     warns = warnings_for(model, req, w, native)
+    unknown = unknown_warning(model.config)
+    if unknown:
+        warns.insert(0, unknown)
     if req.gpu.source.get("count") == "default" or req.gpu.source.get("memory_gib") == "default":
         warns.insert(0, f"GPU facts assumed (no nvidia-smi, no option): {req.gpu.count} x {req.gpu.memory_gib:g} GiB, "
                         f"cc {req.gpu.cc}; pass --gpus/--gpu-memory/--compute-capability or --recipe")
@@ -595,6 +623,8 @@ def plan(model: Model, req: Request, native: bool = False) -> MemoryPlan:
         kv_bytes_per_token_attention=f.kv_bytes_per_token_attention,
         kv_bytes_per_token_indexer=f.kv_bytes_per_token_indexer,
         gpu_memory_utilization=req.utilization,
+        cuda_memory_gib=req.gpu.card.cuda_gib,
+        cuda_memory_source=req.gpu.card.source,
         budget_gib=f.budget_gib,
         allowances_gib=f.allowances_gib,
         kv_cache_gib=f.kv_cache_gib,
@@ -604,9 +634,10 @@ def plan(model: Model, req: Request, native: bool = False) -> MemoryPlan:
         fits=f.fits,
         reason=f.reason,
         warnings=warns,
-        alternatives=[] if f.fits else alternatives(model, req, f),
+        alternatives=[] if f.fits or measured is not None else alternatives(model, req, f, native),
         vllm_args=vllm_args(req, f),
         env=dict(req.env),
+        kv_measured=measured.source if measured else None,
     )
 
 
