@@ -275,3 +275,69 @@ def write_checkpoint(root: str | Path, spec: TinySpec = TinySpec(), single_file:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     return root
+
+
+def random_tensors(tensors: list[tuple[str, str, tuple[int, ...]]], group_size: int = 128,
+                   seed: int = 0) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """Valid random bytes for the tensors ``(name, dtype, shape)`` of a checkpoint, one block per kind and shape
+    (tensors of the same shape share their bytes, which is what a speed or memory measurement needs).
+
+    ``qweight``: random codes; ``qzeros``: the symmetric words of the module's width (from its ``scales``:
+    ``32 * qzeros.shape[1] / scales.shape[1]``); ``scales``: small fp16 of both signs; ``g_idx``: ``k // group``;
+    norms 1, biases 0, other floats small normal values in their dtype."""
+    rng = np.random.default_rng(seed)
+    scales = {n.rpartition(".")[0]: s for n, _, s in tensors if n.endswith(".scales")}
+    cache: dict[tuple, bytes] = {}
+
+    def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+        x = x.astype(np.float32)
+        if dtype == "BF16":
+            return (x.view(np.uint32) >> 16).astype(np.uint16)
+        return x.astype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+
+    def floats(dtype: str, shape: tuple[int, ...], fill: float | None) -> np.ndarray:
+        return as_dtype(np.full(shape, fill) if fill is not None else rng.standard_normal(shape) * 0.02, dtype)
+
+    def signed_scales(shape: tuple[int, ...]) -> np.ndarray:
+        return rng.uniform(0.25, 1.0, shape) * 0.005 * np.where(rng.random(shape) < 0.5, -1, 1)
+
+    def make(kind: str, dtype: str, shape: tuple[int, ...], n: int) -> np.ndarray:
+        if kind == "qweight":
+            return rng.integers(0, 1 << 32, size=shape, dtype=np.uint32)
+        if kind == "qzeros":
+            return codec.sym_qzeros(shape[0], n, 32 * shape[1] // n)
+        if kind == "scales":
+            return as_dtype(signed_scales(shape), dtype)
+        if kind == "g_idx":
+            return (np.arange(shape[0]) // group_size).astype(np.int32)
+        return floats(dtype, shape, {"one": 1.0, "zero": 0.0}.get(kind))
+
+    out = []
+    for name, dtype, shape in tensors:
+        module, _, part = name.rpartition(".")
+        if part in ("qweight", "qzeros", "scales", "g_idx"):
+            kind = part
+        elif "norm" in module.rpartition(".")[2] or "norm" in part:
+            kind = "one"
+        elif part in ("bias", "e_score_correction_bias"):
+            kind = "zero"
+        else:
+            kind = "float"
+        n = scales[module][1] if kind == "qzeros" else 0
+        key = (kind, dtype, tuple(shape), n)
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(make(kind, dtype, tuple(shape), n)).tobytes()
+        out.append((name, dtype, shape, cache[key]))
+    return out
+
+
+def write_random_checkpoint(root: Path, config: dict, tensors: list[tuple[str, str, tuple[int, ...]]],
+                            shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
+    """A checkpoint with ``config`` and :func:`random_tensors` for ``tensors``, in shards of ``shard_bytes``."""
+    qc = config.get("quantization_config") or {}
+    g = qc.get("group_size")
+    group = g if isinstance(g, int) and g > 0 else 128
+    write_shards(root, random_tensors(tensors, group, seed), shard_bytes)
+    (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (root / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}) + "\n")
+    return root

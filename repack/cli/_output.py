@@ -247,3 +247,75 @@ def recipes(items: list[dict], json_out: bool) -> None:
         hw = r["hardware"]
         ui.out.print(f"{r['name']:<44} {hw['gpus']} x {hw['gpu_memory_gib']:g} GiB cc {hw['compute_capability']}  "
                      f"source {r.get('source_repo', '-')}", markup=False)
+
+
+# --- rehearsal ----------------------------------------------------------------------------------------------
+
+
+def progress_line(text: str) -> None:
+    ui.err.print(f"rehearse: {text}", markup=False)
+
+
+def json_or_lines(obj: dict, json_out: bool) -> None:
+    """``rehearse --dry-run``: the rank models, as JSON or a few lines."""
+    if json_out:
+        ui.print_json(obj)
+        return
+    t = obj["target"]
+    ui.out.print(f"dry run: one rank of TP {obj['tensor_parallel']} on {t['gpu_memory_gib']:g} GiB cards, cc "
+                 f"{t['compute_capability']} (nothing built or run)", markup=False)
+    for p in obj["paths"]:
+        c = p["rank_config"]
+        ui.out.print(f"  {p['name']:<15} rank model {p['rank_weights_gib']:.2f} GiB of weights (plan at TP "
+                     f"{obj['tensor_parallel']}: {p['plan_weights_gib']:.2f} GiB per GPU), {ui.human(p['scratch_bytes'])} "
+                     f"on disk; heads {c.get('num_attention_heads')}, vocab {c.get('vocab_size')}", markup=False)
+
+
+def _g(v: object, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def rehearsal(reh, json_out: bool) -> None:
+    """Planned against measured, per path, and the measured speed ratio."""
+    d = reh.data
+    if json_out:
+        ui.print_json(d)
+        return
+    t, loc = d["target"], d["local"]
+    o = ui.out
+    o.print(f"rehearsal of {d['model']}: one rank of TP {t['tensor_parallel']} on {t['gpu_memory_gib']:g} GiB cc "
+            f"{t['compute_capability']} (budget {t['budget_gib']:.2f} GiB = {t['gpu_memory_utilization']:g} x "
+            f"{t['cuda_memory_gib']} GiB), measured on {loc['gpu']}, vLLM {loc['vllm']}, {d['date'][:10]}", markup=False)
+    rows: list[tuple[str, ...]] = [("", *[f"{p['name']} planned / measured" for p in d["paths"]])]
+
+    def row(label: str, f) -> None:
+        rows.append((label, *[f(p["planned"], p.get("measured") or {}, (p.get("measured") or {}).get("engine") or {})
+                               for p in d["paths"]]))
+
+    row("weights GiB", lambda pl, m, e: f"{_g(pl['weights_gib'])} / {_g(e.get('weights_gib'))}")
+    row("non-torch GiB", lambda pl, m, e: f"{_g(pl['allowances_gib'].get('non_torch'))} / {_g(e.get('non_torch_gib'))}")
+    row("activations GiB", lambda pl, m, e: f"{_g(pl['allowances_gib'].get('activations'))} / {_g(e.get('peak_activation_gib'))}")
+    row("CUDA graphs GiB", lambda pl, m, e: f"{_g(pl['allowances_gib'].get('cuda_graphs'))} / {_g(e.get('cuda_graphs_estimate_gib'))}")
+    row("KV cache GiB", lambda pl, m, e: f"{_g(pl['kv_cache_gib'])} / {_g(e.get('kv_cache_gib'))}")
+    row("KV cache tokens", lambda pl, m, e: f"{pl['capacity_tokens']} / {_g(m.get('kv_cache_tokens'), '{}')}")
+    row("longest context", lambda pl, m, e: f"{pl['max_model_len']} / {_g(m.get('max_model_len'), '{}')}")
+    for b in ("1", "8", "32", "128"):
+        row(f"decode b{b} tok/s", lambda pl, m, e, b=b: _speed_cell((m.get("decode_tokens_per_s") or {}).get(b)))
+    row("prefill tok/s", lambda pl, m, e: _speed_cell(m.get("prefill_tokens_per_s")))
+    width = max(len(c) for r in rows for c in r[1:]) + 2
+    for r in rows:
+        o.print(f"  {r[0]:<19}" + "".join(f"{c:<{width}}" for c in r[1:]).rstrip(), markup=False)
+    for p in d["paths"]:
+        m = p.get("measured") or {}
+        if m.get("error"):
+            o.print(f"  {p['name']}: {m['error']}", markup=False)
+        for k in (m.get("engine") or {}).get("kernels", [])[:6]:
+            o.print(f"  {p['name']} kernel: {k}", markup=False)
+    ratio = reh.speed_ratio()
+    if ratio:
+        o.print("  repacked ÷ native decode: " + ", ".join(f"b{b} {r:.2f}" for b, r in ratio.decode.items())
+                + (f"; prefill {ratio.prefill:.2f}" if ratio.prefill else ""), markup=False)
+
+
+def _speed_cell(s: dict | None) -> str:
+    return "–" if not s else f"{s['median']:.0f} [{s['min']:.0f}–{s['max']:.0f}]"

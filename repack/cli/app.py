@@ -13,7 +13,7 @@ import sys  # noqa: E402
 import typer  # noqa: E402
 
 from repack import __version__, ui  # noqa: E402
-from repack.cli import _errors, convert, hub, serve  # noqa: E402
+from repack.cli import _errors, convert, hub, rehearse, serve  # noqa: E402
 
 app = typer.Typer(
     name="w3repack",
@@ -62,7 +62,7 @@ def split_global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
     return (rest or ["--help"]), found
 
 
-for group in (convert, hub, serve):
+for group in (convert, hub, serve, rehearse):
     group.register(app)
 
 

@@ -16,7 +16,7 @@ speculation, fit); of two that fit, the repack only when it was measured faster 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from packaging.version import Version
 
@@ -92,6 +92,7 @@ class ServingPath:
     why_not: str = ""
     measured: Measured | None = None
     tp_checks: list[TpCheck] = field(default_factory=list)
+    model: planner.Model | None = field(default=None, repr=False)  # the model this path serves (headers only)
 
     @property
     def fits(self) -> bool:
@@ -120,7 +121,8 @@ class PathsReport:
 
     def to_json(self) -> dict:
         """The recommended path's memory plan (the keys ``plan`` always had) plus ``paths`` and ``recommended``."""
-        return {**self.path(self.recommended).plan.to_json(), "source_bits": self.source_bits,
+        rec = self.path(self.recommended)
+        return {**rec.plan.to_json(), "fits": rec.fits, "source_bits": self.source_bits,
                 "paths": [p.to_json() for p in self.paths], "recommended": self.recommended,
                 "recommendation_reason": self.reason}
 
@@ -136,7 +138,7 @@ def virtual_output(model: planner.Model, **options) -> tuple[planner.Model, bool
     from repack.checkpoint import open_checkpoint
     from repack.plan import Options, build_plan
 
-    p = build_plan(open_checkpoint(model.root), Options(**options))
+    p = build_plan(model.ckpt or open_checkpoint(model.root), Options(**options))  # type: ignore[arg-type]
     tensors = [(o.out_name, o.out_dtype, tuple(o.out_shape or ()), o.out_nbytes)
                for s in p.shards for o in s.ops if o.out_name is not None and o.out_dtype is not None]
     changed = p.config != model.config or any(o.op.value != "copy" for s in p.shards for o in s.ops)
@@ -184,37 +186,40 @@ def kernel(path: str, cc: str, vllm: str | None) -> str:
 
 
 def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str | None = None,
-               engine: str = "vllm", dense_attention: bool | None = None) -> PathsReport:
-    """Both paths for a 3-bit source (one for a model already in 4 bits), and the recommendation."""
+               engine: str = "vllm", dense_attention: bool | None = None, rehearsal=None) -> PathsReport:
+    """Both paths for a 3-bit source (one for a model already in 4 bits), and the recommendation.
+
+    ``rehearsal`` (a :class:`repack.serve.rehearse.Rehearsal` of this model and target): each path it measured gets
+    vLLM's own KV cache figure and the measured speed ratio instead of the calibrated ones."""
     bits = sorted(planner.quant_bits(model))
     dense = dense_attention if dense_attention is not None else (model.v32 and req.gpu.cc_tuple < (9, 0))
     v = Version(vllm_version) if vllm_version else None
-    paths: list[ServingPath] = []
+    req = replace(req, vllm_version=req.vllm_version or vllm_version)
     dense = bool(dense and model.v32)
     flags = " --dense-attention" if dense else ""
     note = (f"planned with the dense-attention fallback (GPUs below sm90 have no V3.2 sparse-attention backend): "
             f"exact up to index_topk={model.config.get('index_topk')} tokens of context, an approximation beyond")
+
+    def path(name: str, m: planner.Model, prep: list[str], bits_: int) -> ServingPath:
+        kv = rehearsal.measured_kv(name, req) if rehearsal is not None else None
+        p = planner.plan(m, req, native=name == NATIVE, measured=kv)
+        if dense:
+            p.warnings.append(note)
+        speed = rehearsal.speed_ratio() if rehearsal is not None and name == REPACKED else None
+        return ServingPath(name, p, NATIVE_MIN_VLLM if name == NATIVE else REPACKED_MIN_VLLM,
+                           kernel(name, req.gpu.cc, vllm_version), prep,
+                           measured=None if name == NATIVE else speed or measured_for(req.gpu.cc, req.tp),
+                           tp_checks=tp_checks(m, req.tp, bits_), model=m)
+
     if not is_low_bit(model):
         m4, prep = (virtual_output(model, dense_attention=True)[0], [f"w3repack convert MODEL DST{flags}"]) if dense \
             else (model, [])
-        p = planner.plan(m4, req)
-        if dense:
-            p.warnings.append(note)
-        paths.append(ServingPath(REPACKED, p, REPACKED_MIN_VLLM, kernel(REPACKED, req.gpu.cc, vllm_version), prep,
-                                 measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(m4, req.tp, 4)))
-        return PathsReport(bits, paths, REPACKED, "the model is already 4-bit: one path")
+        return PathsReport(bits, [path(REPACKED, m4, prep, 4)], REPACKED, "the model is already 4-bit: one path")
     common = {"dense_attention": dense}
     native_model, native_prep = virtual_output(model, target="native", kv_b_float=False, **common)
     repacked_model, _ = virtual_output(model, **common)
-    native = ServingPath(NATIVE, planner.plan(native_model, req, native=True), NATIVE_MIN_VLLM, kernel(NATIVE, req.gpu.cc, vllm_version),
-                         [f"w3repack convert SRC DST --target native{flags}"] if native_prep else [],
-                         tp_checks=tp_checks(native_model, req.tp, 3))
-    repacked = ServingPath(REPACKED, planner.plan(repacked_model, req), REPACKED_MIN_VLLM,
-                           kernel(REPACKED, req.gpu.cc, vllm_version), [f"w3repack convert SRC DST{flags}"],
-                           measured=measured_for(req.gpu.cc, req.tp), tp_checks=tp_checks(repacked_model, req.tp, 4))
-    if dense:
-        for path in (native, repacked):
-            path.plan.warnings.append(note)
+    native = path(NATIVE, native_model, [f"w3repack convert SRC DST --target native{flags}"] if native_prep else [], 3)
+    repacked = path(REPACKED, repacked_model, [f"w3repack convert SRC DST{flags}"], 4)
     if v is not None and v < Version(NATIVE_MIN_VLLM):
         native.runnable, native.why_not = False, f"vLLM {vllm_version} refuses 3-bit checkpoints (needs >= {NATIVE_MIN_VLLM})"
     if engine != "vllm":
@@ -222,8 +227,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
     if req.speculative:
         native.runnable, native.why_not = False, ("MTP speculative decoding fails on the 3-bit source in stock vLLM "
                                                   "(measured on 0.33.0: the 4-bit MTP layer is read as 3-bit)")
-    paths = [native, repacked]
-    return PathsReport(bits, paths, *recommend(native, repacked))
+    return PathsReport(bits, [native, repacked], *recommend(native, repacked))
 
 
 def recommend(native: ServingPath, repacked: ServingPath) -> tuple[str, str]:
