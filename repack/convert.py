@@ -256,29 +256,20 @@ def convert_shard(plan: Plan, sp: ShardPlan, out: Output, stop: threading.Event,
     the source's hash off the worker too measured no faster: it then hashes bytes no longer in cache.
     """
     tmp = out.state_dir / (sp.name + ".partial")
-    reader = SeqReader(plan.ckpt.root / sp.name, hashed=hashes)
-    try:
-        sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread, fd=out.open_partial(sp.name))
-    except BaseException:
-        reader.close()
-        raise
-    ok = False
-    try:
-        reader.read(sp.src.data_offset)
-        sink.write(sp.prefix)
-        progress(sp.src.data_offset)
-        for op in sp.ops:
-            if stop.is_set():
-                raise Stopped()
-            OPS[op.op].convert(plan.ckpt, op, reader, sink, progress)
-        src_sha = reader.hexdigest()
-        if sink.position != sp.out_size:
-            raise RuntimeError(f"internal error: {sp.name}: wrote {sink.position} bytes, planned {sp.out_size}")
-        sha = sink.finish()
-        ok = True
-        return ShardHashes(sha, src_sha)
-    finally:
-        reader.close()
-        if not ok:
-            sink.abort()
+    with SeqReader(plan.ckpt.root / sp.name, hashed=hashes) as reader:
+        try:
+            with Sink(tmp, stop, hashed=hashes, hash_behind=spread, fd=out.open_partial(sp.name)) as sink:
+                reader.read(sp.src.data_offset)
+                sink.write(sp.prefix)
+                progress(sp.src.data_offset)
+                for op in sp.ops:
+                    if stop.is_set():
+                        raise Stopped()
+                    OPS[op.op].convert(plan.ckpt, op, reader, sink, progress)
+                src_sha = reader.hexdigest()
+                if sink.position != sp.out_size:
+                    raise RuntimeError(f"internal error: {sp.name}: wrote {sink.position} bytes, planned {sp.out_size}")
+                return ShardHashes(sink.finish(), src_sha)
+        except BaseException:
             out.discard_partial(sp.name)
+            raise
