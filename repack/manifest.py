@@ -5,6 +5,7 @@ sha256 of every file. :class:`Manifest` is its only reader and writer.
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,12 @@ class Manifest:
         )
 
     @classmethod
-    def load(cls, dst: Path) -> Manifest | None:
-        """DST's manifest; None if there is none; ManifestError if it is not one."""
+    def load(cls, dst: Path, follow: bool = False) -> Manifest | None:
+        """The manifest in folder ``dst``; None if there is none; ManifestError if it is not one. A symlink is
+        refused unless ``follow`` (a source folder, e.g. a hub snapshot, where every file may be a link)."""
         path = Path(dst) / MANIFEST_NAME
         try:
-            data = read_bounded(path, MAX_MANIFEST, follow=False)
+            data = read_bounded(path, MAX_MANIFEST, follow=follow)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -142,6 +144,34 @@ class Manifest:
         except UserError as e:
             raise ManifestError(f"{path}: unreadable manifest ({str(e).removeprefix(f'{path}: ')})") from e
         return cls.from_json(obj, path)
+
+    def mismatch(self, folder: Path, shards: list[str], fetched_later: bool) -> str | None:
+        """Why this manifest is not that of ``folder``, whose index lists ``shards`` (None: it is): it records a
+        complete conversion whose output shards are exactly those, each a file there of the recorded size
+        (``fetched_later``: shards arrive later, as from the hub; only those present are measured)."""
+        if not self.complete:
+            return "it does not mark the conversion complete"
+        recorded = [f.name for f in self.output_shards]
+        if not recorded:
+            return "it records no output shard"
+        if sorted(recorded) != sorted(shards):
+            unlisted = sorted(set(recorded) - set(shards))
+            if unlisted:
+                return f"it records output shard {unlisted[0]}, which the folder's index does not list"
+            unrecorded = sorted(set(shards) - set(recorded))
+            if unrecorded:
+                return f"the folder's index lists shard {unrecorded[0]}, which it does not record"
+            return "it records an output shard twice"
+        for f in self.output_shards:
+            p = folder / f.name
+            if not p.is_file():
+                if fetched_later and not os.path.lexists(p):
+                    continue
+                return f"it records output shard {f.name}, which is missing or not a regular file"
+            size = p.stat().st_size
+            if size != f.size:
+                return f"{f.name} is {size:,} bytes, it records {f.size:,}"
+        return None
 
     def output_sha(self, name: str) -> str | None:
         return next((f.sha256 for f in self.output_shards if f.name == name), None)
