@@ -1,8 +1,8 @@
 """Convert executor: runs a Plan from a Source into an Output, shard by shard on worker threads.
 
-Each shard is streamed into ``.w3repack/<name>.partial``, fsynced and renamed (``Output.commit_shard``); what
-the op of each tensor does is in :mod:`repack.ops`. Copied files, configs and index follow the shards, the
-manifest comes last.
+Each shard is streamed into its partial file (``Output.open_partial``), fsynced and renamed
+(``Output.commit_shard``); what the op of each tensor does is in :mod:`repack.ops`. Copied files, configs and
+index follow the shards, the manifest comes last.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from repack.output import FileRecord, Manifest, Output, ShardHashes
 from repack.plan import Options, Plan, ShardPlan, build_plan
 from repack.run import RunConfig, cores, effective_workers
 from repack.sources import Source
+from repack.space import check_space
 from repack.stream import SeqReader, Sink, Stopped
 
 STOP_GRACE_S = 5.0
@@ -145,8 +146,8 @@ def _run(plan: Plan, out: Output, run: RunConfig, source: Source) -> Result:
     kept = _proved(plan, out, out.prepare(fp, sizes, plan.output_files(), run.overwrite, run.hashes))
     todo = [s for s in plan.shards if s.name not in kept]
     workers = effective_workers(run.workers or source.default_workers, len(todo))
-    out.check_space(plan.out_total_bytes() - sum(sizes[n] for n in kept), source.space_needed(todo, workers),
-                    source.space_hint)
+    check_space(out.path, plan.out_total_bytes() - sum(sizes[n] for n in kept), source.space_needed(todo, workers),
+                source.space_hint)
     stop = run.stop or threading.Event()
     if hasattr(source, "stop"):
         source.stop = stop  # a source that downloads starts no download once the run is stopping
@@ -249,36 +250,28 @@ def build_manifest(plan: Plan, out: Output, fp: dict, copied: list[FileRecord], 
 
 def convert_shard(plan: Plan, sp: ShardPlan, out: Output, stop: threading.Event, progress: Progress,
                   hashes: bool = True, spread: bool = False) -> ShardHashes:
-    """Stream one source shard into its partial output shard; returns (output, source) sha256, None unhashed.
+    """Stream one source shard into its partial output shard (removed again if anything fails); returns the
+    (output, source) sha256, None unhashed.
 
     The worker transcodes and hashes the source bytes it has just used; ``spread`` moves the output's hash to
     a thread of its own (for when cores would otherwise sit idle: fewer shards in flight than cores). Moving
     the source's hash off the worker too measured no faster: it then hashes bytes no longer in cache.
     """
-    tmp = out.state_dir / (sp.name + ".partial")
-    reader = SeqReader(plan.ckpt.root / sp.name, hashed=hashes)
-    try:
-        sink = Sink(tmp, stop, hashed=hashes, hash_behind=spread, fd=out.open_partial(sp.name))
-    except BaseException:
-        reader.close()
-        raise
-    ok = False
-    try:
-        reader.read(sp.src.data_offset)
-        sink.write(sp.prefix)
-        progress(sp.src.data_offset)
-        for op in sp.ops:
-            if stop.is_set():
-                raise Stopped()
-            OPS[op.op].convert(plan.ckpt, op, reader, sink, progress)
-        src_sha = reader.hexdigest()
-        if sink.position != sp.out_size:
-            raise RuntimeError(f"internal error: {sp.name}: wrote {sink.position} bytes, planned {sp.out_size}")
-        sha = sink.finish()
-        ok = True
-        return ShardHashes(sha, src_sha)
-    finally:
-        reader.close()
-        if not ok:
-            sink.abort()
+    with SeqReader(plan.ckpt.root / sp.name, hashed=hashes) as reader:
+        part = out.open_partial(sp.name)
+        try:
+            with Sink(part.path, stop, hashed=hashes, hash_behind=spread, fd=part.fd) as sink:
+                reader.read(sp.src.data_offset)
+                sink.write(sp.prefix)
+                progress(sp.src.data_offset)
+                for op in sp.ops:
+                    if stop.is_set():
+                        raise Stopped()
+                    OPS[op.op].convert(plan.ckpt, op, reader, sink, progress)
+                src_sha = reader.hexdigest()
+                if sink.position != sp.out_size:
+                    raise RuntimeError(f"internal error: {sp.name}: wrote {sink.position} bytes, planned {sp.out_size}")
+                return ShardHashes(sink.finish(), src_sha)
+        except BaseException:
             out.discard_partial(sp.name)
+            raise

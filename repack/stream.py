@@ -1,14 +1,17 @@
-"""Streaming primitives: a read-ahead hashing reader, a staged hashing writer, atomic small-file writes.
+"""Streaming primitives: a read-ahead hashing reader and a staged hashing writer over one buffer pool.
 
-Memory is bounded by a fixed number of fixed-size, page-aligned buffers per shard in flight (reused across
-shards); no file is read whole or through a mapping (a source is mapped, untouched, only to ask ``mincore``
-which of its pages are cached). Source files are opened read-only. Both ends use ``O_DIRECT``
-where the filesystem allows it: no copy through the page cache, no dirty pages to flush, nothing cached
-that will not be read again. Otherwise they fall back to buffered I/O that treats the page cache as a
-stream (sequential read-ahead, read pages dropped, write-back started every ``WRITEBACK_EVERY`` bytes).
-``W3REPACK_DIRECT_IO=0`` forces buffered I/O. A source file already in the page cache (``cached_share``,
-``mincore``) is read buffered, from memory, and its pages are left cached: a warm convert is no slower than a
-cold one.
+Memory is bounded by a fixed number of fixed-size, page-aligned buffers per shard in flight, taken from one
+pool and reused across shards; no file is read whole or through a mapping (a source is mapped, untouched,
+only to ask ``mincore`` which of its pages are cached). Source files are opened read-only. Both ends use
+``O_DIRECT`` where the filesystem allows it: no copy through the page cache, no dirty pages to flush, nothing
+cached that will not be read again; a transfer the kernel refuses under ``O_DIRECT`` is redone buffered
+(:class:`_File`, the one fallback). Buffered I/O treats the page cache as a stream (sequential read-ahead,
+read pages dropped, write-back started every ``WRITEBACK_EVERY`` bytes). ``W3REPACK_DIRECT_IO=0`` forces
+buffered I/O. A source file already in the page cache (``cached_share``, ``mincore``) is read buffered, from
+memory, and its pages are left cached: a warm convert is no slower than a cold one.
+
+A :class:`SeqReader` and a :class:`Sink` are context managers: leaving the ``with`` closes the file, ends
+their threads and gives their buffers back (a sink not ``finish``ed is aborted).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import os
 import queue
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -31,11 +37,14 @@ STAGE = 4 << 20
 READ_BLOCK = 2 << 20
 READ_BLOCKS = 4
 DIRECT_ALIGN = 4096
-HASH_READ = 8 << 20
 WRITEBACK_EVERY = 64 << 20
+HUGE = 2 << 20
+WARM_SHARE = 0.9  # a source this much in the page cache is read buffered (from memory), not with O_DIRECT
+
+BytesLike = Union[bytes, bytearray, memoryview, np.ndarray]
 
 
-def _sync_file_range():
+def _sync_file_range() -> Any:
     """libc ``sync_file_range`` (Linux), or None."""
     try:
         import ctypes
@@ -61,13 +70,6 @@ def _advise(fd: int, offset: int, length: int, advice_name: str) -> None:
             pass
 
 
-def _try_direct(fd: int) -> bool:
-    """Turn ``O_DIRECT`` on where the platform, the filesystem and ``W3REPACK_DIRECT_IO`` allow; returns whether it is on."""
-    if not hasattr(os, "O_DIRECT") or os.environ.get("W3REPACK_DIRECT_IO", "1") in ("0", "false", "no"):
-        return False
-    return _set_direct(fd, True)
-
-
 def _set_direct(fd: int, on: bool) -> bool:
     """Turn ``O_DIRECT`` on or off for an open file; returns whether it is on."""
     try:
@@ -78,10 +80,11 @@ def _set_direct(fd: int, on: bool) -> bool:
         return False
 
 
-WARM_SHARE = 0.9  # a source this much in the page cache is read buffered (from memory), not with O_DIRECT
+def _direct_allowed() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("W3REPACK_DIRECT_IO", "1") not in ("0", "false", "no")
 
 
-def _libc():
+def _libc() -> Any:
     try:
         import ctypes
         import ctypes.util
@@ -121,106 +124,195 @@ def cached_share(fd: int, size: int) -> float | None:
         _LIBC.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
 
 
-HUGE = 2 << 20
-_SPARE: dict[int, list[np.ndarray]] = {}
-_SPARE_LOCK = threading.Lock()
+class BufferPool:
+    """Zeroed uint8 buffers starting on a 2 MiB boundary (numpy asks for huge pages from 4 MiB on), kept by
+    size and handed out again: a fresh page costs a fault, a reused one nothing. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._spare: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _new(size: int) -> np.ndarray:
+        raw = np.zeros(size + HUGE, dtype=np.uint8)
+        off = -raw.ctypes.data % HUGE
+        return raw[off : off + size]
+
+    def take(self, size: int, count: int) -> list[np.ndarray]:
+        with self._lock:
+            spare = self._spare.setdefault(size, [])
+            got = [spare.pop() for _ in range(min(count, len(spare)))]
+        return got + [self._new(size) for _ in range(count - len(got))]
+
+    def give(self, bufs: list[np.ndarray]) -> None:
+        with self._lock:
+            for b in bufs:
+                self._spare.setdefault(len(b), []).append(b)
 
 
-def _new_buffer(size: int) -> np.ndarray:
-    """A zeroed uint8 buffer of ``size`` bytes starting on a 2 MiB boundary (numpy asks for huge pages from 4 MiB on)."""
-    raw = np.zeros(size + HUGE, dtype=np.uint8)
-    off = -raw.ctypes.data % HUGE
-    return raw[off : off + size]
+POOL = BufferPool()
 
 
-def take_buffers(size: int, count: int) -> list[np.ndarray]:
-    """``count`` aligned buffers of ``size`` bytes, reused across shards (fresh pages cost a fault each)."""
-    with _SPARE_LOCK:
-        spare = _SPARE.setdefault(size, [])
-        got = [spare.pop() for _ in range(min(count, len(spare)))]
-    return got + [_new_buffer(size) for _ in range(count - len(got))]
+@dataclass(slots=True)
+class Block:
+    """``n`` bytes of file at byte ``offset``, held at the start of pool buffer ``buf``."""
 
+    buf: np.ndarray
+    offset: int
+    n: int
 
-def give_buffers(bufs: list[np.ndarray]) -> None:
-    with _SPARE_LOCK:
-        for b in bufs:
-            _SPARE.setdefault(len(b), []).append(b)
+    @property
+    def end(self) -> int:
+        return self.offset + self.n
 
-
-def _start_threads(*targets) -> list[threading.Thread]:
-    """Daemon threads running ``targets`` (``None`` entries skipped), started."""
-    threads = [threading.Thread(target=t, daemon=True) for t in targets if t is not None]
-    for t in threads:
-        t.start()
-    return threads
+    def data(self) -> memoryview:
+        return self.buf.data[: self.n]
 
 
 class Stopped(Exception):
     """Raised inside workers when the run is being cancelled."""
 
 
-class SeqReader:
-    """Reads a file front to back; a background thread reads ahead ``READ_BLOCK``-sized blocks.
+class _File:
+    """An open file and whether ``O_DIRECT`` is on for it. ``transfer`` is the one fallback: a transfer the kernel
+    refuses with EINVAL under ``O_DIRECT`` (alignment) turns ``O_DIRECT`` off and is redone buffered."""
 
-    Blocks start at multiples of ``READ_BLOCK`` and land in page-aligned buffers, so the file is read with
-    ``O_DIRECT`` where the filesystem allows it (no page-cache copy); otherwise buffered, with sequential
-    read-ahead and the pages dropped once read. Consumers take bytes in order: ``view`` and ``take``
-    (zero-copy where the bytes lie in one block, valid until the next call), ``read_into``, ``read``, ``skip``.
-    The sha256 covers every byte of the file in order; it is computed by the consumer after it has used
-    the bytes (cheapest: they are in cache), or with ``hash_behind`` on a thread of its own that takes each
-    block once the consumer has moved past it (off the consumer's thread: for when cores would otherwise sit
-    idle).
-    """
+    def __init__(self, fd: int, direct: bool):
+        self.fd = fd
+        self.direct = direct and _set_direct(fd, True)
 
-    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_behind: bool = False):
+    def transfer(self, op: Callable[[int, memoryview, int], int], view: memoryview, n: int, offset: int) -> int:
+        """``op(fd, view[:k], offset)`` (a pread or pwrite) with ``k`` = ``n``, rounded up to ``DIRECT_ALIGN`` under
+        ``O_DIRECT`` (``view`` has room for it); returns what ``op`` returns."""
+        while True:
+            k = n + (-n % DIRECT_ALIGN) if self.direct else n
+            try:
+                return op(self.fd, view[:k], offset)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self.direct = _set_direct(self.fd, False)
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    return os.preadv(fd, [view], offset)
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+    return os.pwrite(fd, view, offset)
+
+
+class _Hasher:
+    """A thread hashing blocks in file order, off the thread that made them, then handing each on (``then``);
+    ``None`` ends it (and is handed on too). An error is kept for the owner to raise."""
+
+    def __init__(self, then: Callable[[Block | None], None]):
+        self.sha = hashlib.sha256()
+        self.inbox: queue.SimpleQueue[Block | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.then = then
+
+    def run(self) -> None:
+        while True:
+            block = self.inbox.get()
+            try:
+                if block is not None and self.error is None:
+                    self.sha.update(block.data())
+            except BaseException as e:  # noqa: BLE001 - handed to the owner
+                self.error = e
+            finally:
+                self.then(block)
+            if block is None:
+                return
+
+
+class _Stream:
+    """What a reader and a writer share: the file, ``count`` buffers of ``size`` bytes from the pool and a
+    queue of the free ones, the background threads. Buffers go back to the pool only once every thread has
+    ended (a thread still running may yet touch one)."""
+
+    def __init__(self, path: Path, fd: int, direct: bool, size: int, count: int):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(self.fd)
-            raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
-        self.size = st.st_size
-        share = cached_share(self.fd, self.size)
-        self.warm = share is not None and share >= WARM_SHARE
-        self.direct = not self.warm and _try_direct(self.fd)
-        if not self.direct:
-            _advise(self.fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
-        self.hash = hashlib.sha256() if hashed else None
-        self.hash_behind = hash_behind and hashed
-        self.hash_error: BaseException | None = None
-        self.pos = 0
-        self.buffers = take_buffers(READ_BLOCK, blocks)
+        self.file = _File(fd, direct)
+        self.buffers = POOL.take(size, count)
         self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for b in self.buffers:
             self.free.put(b)
-        self.ready: queue.SimpleQueue = queue.SimpleQueue()
-        self.used: queue.SimpleQueue = queue.SimpleQueue()
-        self.block: tuple[np.ndarray, int, int] | None = None
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def direct(self) -> bool:
+        return self.file.direct
+
+    def _start(self, *targets: Callable[[], None]) -> None:
+        for t in targets:
+            th = threading.Thread(target=t, daemon=True)
+            self.threads.append(th)
+            th.start()
+
+    def _close_file(self) -> None:
+        """Close the file and give the buffers back, once."""
+        if self.file.fd < 0:
+            return
+        os.close(self.file.fd)
+        self.file.fd = -1
+        if not any(t.is_alive() for t in self.threads):
+            POOL.give(self.buffers)
+
+
+class SeqReader(_Stream):
+    """Reads a file front to back; a background thread reads ahead ``READ_BLOCK``-sized blocks.
+
+    Blocks start at multiples of ``READ_BLOCK`` and land in page-aligned buffers, so the file is read with
+    ``O_DIRECT`` where the filesystem allows it; otherwise buffered, with sequential read-ahead and the pages
+    dropped once read. Consumers take bytes in order: ``view`` and ``take`` (zero-copy where the bytes lie in
+    one block, valid until the next call), ``read_into``, ``read``, ``skip``. The sha256 covers every byte of
+    the file in order; it is computed by the consumer after it has used the bytes (cheapest: they are in
+    cache), or with ``hash_behind`` on a thread of its own that takes each block once the consumer has moved
+    past it (off the consumer's thread: for when cores would otherwise sit idle).
+    """
+
+    def __init__(self, path: Path, hashed: bool = True, blocks: int = READ_BLOCKS, hash_behind: bool = False):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{path}: not a regular file (a FIFO, device or folder); refused")
+            share = cached_share(fd, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.size = st.st_size
+        self.warm = share is not None and share >= WARM_SHARE
+        super().__init__(path, fd, not self.warm and _direct_allowed(), READ_BLOCK, blocks)
+        if not self.direct:
+            _advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
+        self.sha = hashlib.sha256() if hashed and not hash_behind else None  # hashed by the consumer
+        self.behind = _Hasher(self._freed) if hashed and hash_behind else None
+        self.pos = 0
+        self.ready: queue.SimpleQueue[Block | BaseException | None] = queue.SimpleQueue()
+        self.block: Block | None = None
         self.unhashed: memoryview | None = None
         self.scratch = bytearray()
         self.closed = False
-        self.threads = _start_threads(self._run, self._hash_used if self.hash_behind else None)
+        self._start(self._run, *([self.behind.run] if self.behind is not None else []))
 
-    def _hash_used(self) -> None:
-        """Hash each block once the consumer has moved past it (in file order, still warm in cache), then free it."""
-        while True:
-            item = self.used.get()
-            if item is None:
-                return
-            buf, n = item
-            try:
-                if self.hash_error is None:
-                    self.hash.update(memoryview(buf)[:n])
-            except BaseException as e:  # noqa: BLE001 - raised by hexdigest
-                self.hash_error = e
-            finally:
-                self.free.put(buf)
+    def __enter__(self) -> SeqReader:
+        return self
 
-    def _release(self, block: tuple[np.ndarray, int, int]) -> None:
-        if self.hash_behind and not self.closed:
-            self.used.put((block[0], block[2]))
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _freed(self, block: Block | None) -> None:
+        if block is not None:
+            self.free.put(block.buf)
+
+    def _release(self, block: Block) -> None:
+        """The consumer is done with ``block``: to the hash-behind thread, else straight back to the free queue."""
+        if self.behind is not None and not self.closed:
+            self.behind.inbox.put(block)
         else:
-            self.free.put(block[0])
+            self.free.put(block.buf)
 
     def _run(self) -> None:
         off = 0
@@ -232,7 +324,7 @@ class SeqReader:
                     continue
                 want = min(READ_BLOCK, self.size - off)
                 n = self._fill(buf, off, want)
-                self.ready.put((buf, off, n))
+                self.ready.put(Block(buf, off, n))
                 if n < want:
                     break
                 off += n
@@ -241,29 +333,21 @@ class SeqReader:
             self.ready.put(e)
 
     def _fill(self, buf: np.ndarray, off: int, want: int) -> int:
-        mv = memoryview(buf)
+        """Read up to ``want`` bytes at ``off`` into ``buf``; returns how many (fewer only at the end of the file)."""
+        mv = buf.data
         got = 0
         while got < want:
-            length = want - got
-            if self.direct:
-                length += -length % DIRECT_ALIGN
-            try:
-                n = os.preadv(self.fd, [mv[got : got + length]], off + got)
-            except OSError as e:
-                if not (self.direct and e.errno == errno.EINVAL):
-                    raise
-                self.direct = _set_direct(self.fd, False)
-                continue
+            n = self.file.transfer(_pread, mv[got:], want - got, off + got)
             if n == 0:
                 break
             got += n
         if not self.direct and not self.warm:
-            _advise(self.fd, off, got, "POSIX_FADV_DONTNEED")
+            _advise(self.file.fd, off, got, "POSIX_FADV_DONTNEED")
         return min(got, want)
 
     def _hash(self, data: memoryview) -> None:
-        if self.hash is not None and not self.hash_behind:
-            self.hash.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
 
     def _catch_up(self) -> None:
         """Hash the last ``view`` now that its caller has read it (hashing bytes already in cache is cheaper)."""
@@ -271,10 +355,10 @@ class SeqReader:
             self._hash(self.unhashed)
             self.unhashed = None
 
-    def _current(self) -> tuple[np.ndarray, int, int]:
+    def _current(self) -> Block:
         """The block holding ``pos``; the one before goes back to the read-ahead thread."""
         self._catch_up()
-        while self.block is None or self.pos >= self.block[1] + self.block[2]:
+        while self.block is None or self.pos >= self.block.end:
             if self.block is not None:
                 self._release(self.block)
                 self.block = None
@@ -296,21 +380,21 @@ class SeqReader:
 
         Where fewer than ``unit`` bytes are left in the block, one ``unit`` is copied across the block boundary.
         """
-        buf, off, n = self._current()
-        start = self.pos - off
-        k = min(max_n, n - start) // unit * unit
+        b = self._current()
+        start = self.pos - b.offset
+        k = min(max_n, b.n - start) // unit * unit
         if k == 0:
             return self._stitch(unit)
         self.pos += k
-        v = memoryview(buf)[start : start + k]
-        if self.hash is not None and not self.hash_behind:
+        v = b.buf.data[start : start + k]
+        if self.sha is not None:
             self.unhashed = v
         return v
 
     def take(self, size: int) -> memoryview:
         """Exactly the next ``size`` bytes, without copying where they lie in one block; valid until the next call."""
-        buf, off, n = self._current()
-        if self.pos + size > off + n:
+        b = self._current()
+        if self.pos + size > b.end:
             return self._stitch(size)
         return self.view(size, size) if size else memoryview(b"")
 
@@ -323,10 +407,10 @@ class SeqReader:
     def read_into(self, out: memoryview) -> memoryview:
         done = 0
         while done < len(out):
-            buf, off, n = self._current()
-            start = self.pos - off
-            k = min(len(out) - done, n - start)
-            out[done : done + k] = memoryview(buf)[start : start + k]
+            b = self._current()
+            start = self.pos - b.offset
+            k = min(len(out) - done, b.n - start)
+            out[done : done + k] = b.buf.data[start : start + k]
             self._hash(out[done : done + k])
             self.pos += k
             done += k
@@ -340,129 +424,124 @@ class SeqReader:
     def skip(self, size: int) -> None:
         end = self.pos + size
         while self.pos < end:
-            buf, off, n = self._current()
-            k = min(end, off + n) - self.pos
-            self._hash(memoryview(buf)[self.pos - off : self.pos - off + k])
+            b = self._current()
+            k = min(end, b.end) - self.pos
+            self._hash(b.buf.data[self.pos - b.offset : self.pos - b.offset + k])
             self.pos += k
 
     def hexdigest(self) -> str | None:
-        """sha256 of the whole file (bytes not yet taken are read and hashed first)."""
-        if self.hash is None:
+        """sha256 of the whole file (bytes not yet taken are read and hashed first); None when not hashed."""
+        if self.sha is None and self.behind is None:
             return None
         self._catch_up()
         self.skip(self.size - self.pos)
         self._catch_up()
-        if self.hash_behind:
-            if self.block is not None:
-                self._release(self.block)
-                self.block = None
-            self.used.put(None)
-            self.threads[1].join()
-            if self.hash_error is not None:
-                raise self.hash_error
-        return self.hash.hexdigest()
+        if self.behind is None:
+            return self.sha.hexdigest() if self.sha is not None else None
+        if self.block is not None:
+            self._release(self.block)
+            self.block = None
+        self.behind.inbox.put(None)
+        self.threads[1].join()
+        if self.behind.error is not None:
+            raise self.behind.error
+        return self.behind.sha.hexdigest()
 
     def close(self) -> None:
+        """End the threads (read-ahead blocks still queued are taken back), close the file, give the buffers back."""
         if self.closed:
             return
         self.closed = True
         if self.block is not None:
-            self.free.put(self.block[0])
+            self.free.put(self.block.buf)
             self.block = None
-        self.used.put(None)
+        if self.behind is not None:
+            self.behind.inbox.put(None)
         while any(t.is_alive() for t in self.threads):
             try:
                 item = self.ready.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if isinstance(item, tuple):
-                self.free.put(item[0])
-        os.close(self.fd)
-        give_buffers(self.buffers)
+            if isinstance(item, Block):
+                self.free.put(item.buf)
+        self._close_file()
 
 
-class Sink:
+class Sink(_Stream):
     """Writes a file front to back from page-aligned staging buffers; a background thread writes them.
 
     Producers either ``write(data)`` (copied into staging) or fill ``space()`` in place and ``commit(n)``;
     the sha256 is computed at ``commit``, or with ``hash_behind`` on a thread of its own before the writer's.
     Every staging buffer but the last is ``STAGE`` bytes at an offset that is a multiple of ``STAGE``, so the
-    file can be written with ``O_DIRECT`` (no page-cache copy, no dirty pages to flush): the last buffer is
-    padded to ``DIRECT_ALIGN`` and the file truncated to its real size. Where the filesystem refuses
-    ``O_DIRECT`` (or ``W3REPACK_DIRECT_IO=0``) writes are buffered, with write-back started every
-    ``WRITEBACK_EVERY`` bytes and the window before dropped from the cache.
+    file can be written with ``O_DIRECT``: the last buffer is padded to ``DIRECT_ALIGN`` and the file
+    truncated to its real size. Buffered writes start write-back every ``WRITEBACK_EVERY`` bytes and drop the
+    window before from the cache. ``finish`` ends a sink that is kept; leaving a ``with`` unfinished aborts it.
     """
 
     def __init__(self, path: Path, stop: threading.Event, hashed: bool = True, buffers: int = 3, hash_behind: bool = False,
                  fd: int | None = None):
-        """``fd``: an already opened, empty file (``path`` then only names it); it is closed by the sink."""
-        self.path = path
-        self.fd = fd if fd is not None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.direct = _try_direct(self.fd)
+        """``fd``: an already opened, empty file (``path`` then only names it); the sink owns it from the call on."""
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            super().__init__(path, fd, _direct_allowed(), STAGE, buffers)
+        except BaseException:
+            os.close(fd)
+            raise
         self.stop = stop
-        self.hash = hashlib.sha256() if hashed else None
-        self.hash_behind = hash_behind and hashed
-        self.buffers = take_buffers(STAGE, buffers)
-        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
-        for b in self.buffers:
-            self.free.put(b)
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.sha = hashlib.sha256() if hashed and not hash_behind else None  # hashed at commit
+        self.behind = _Hasher(self._to_writer) if hashed and hash_behind else None
+        self.writes: queue.SimpleQueue[Block | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.written = 0
         self.queued = 0
         self.cur: np.ndarray | None = None
         self.fill = 0
         self.window = (0, 0)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue() if self.hash_behind else self.q
-        self.threads = _start_threads(self._run, self._hash_blocks if self.hash_behind else None)
+        self._start(self._run, *([self.behind.run] if self.behind is not None else []))
 
-    def _hash_blocks(self) -> None:
-        """Between the producer and the writer thread: hash each staging buffer in file order."""
-        while True:
-            item = self.inbox.get()
-            if item is not None and self.error is None:
-                try:
-                    self.hash.update(memoryview(item[0])[: item[1]])
-                except BaseException as e:  # noqa: BLE001 - handed to the producer
-                    self.error = e
-            self.q.put(item)
-            if item is None:
-                return
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.file.fd >= 0:
+            self.abort()
+
+    def _to_writer(self, block: Block | None) -> None:
+        self.writes.put(block)
+
+    def _send(self, block: Block | None) -> None:
+        """A filled block (None: the end) to the writer thread, through the hash-behind thread if there is one."""
+        if self.behind is not None:
+            self.behind.inbox.put(block)
+        else:
+            self.writes.put(block)
 
     def _run(self) -> None:
         while True:
-            item = self.q.get()
-            if item is None:
+            block = self.writes.get()
+            if block is None:
                 return
-            buf, n, offset = item
             try:
                 if self.error is None:
-                    self._write_block(buf, n, offset)
+                    self._write_block(block)
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
             finally:
-                self.free.put(buf)
+                self.free.put(block.buf)
 
-    def _write_block(self, buf: np.ndarray, n: int, offset: int) -> None:
-        mv = memoryview(buf)
-        size = n
+    def _write_block(self, block: Block) -> None:
+        mv = block.buf.data
+        n = block.n
         if self.direct and n % DIRECT_ALIGN:
-            size = n + (-n % DIRECT_ALIGN)
-            mv[n:size] = bytes(size - n)
+            mv[n : n + (-n % DIRECT_ALIGN)] = bytes(-n % DIRECT_ALIGN)
         done = 0
-        while done < size:
-            try:
-                k = os.pwrite(self.fd, mv[done:size], offset + done)
-            except OSError as e:
-                if not (self.direct and e.errno == errno.EINVAL):
-                    raise
-                self.direct, size = _set_direct(self.fd, False), n
-                continue
+        while done < n:
+            k = self.file.transfer(_pwrite, mv[done:], n - done, block.offset + done)
             if k == 0:
                 raise OSError(errno.EIO, "write returned 0", str(self.path))
             done += k
-        mv.release()
-        self.written = offset + n
+        self.written = block.end
         if not self.direct:
             self._writeback()
 
@@ -471,13 +550,19 @@ class Sink:
         start = sum(self.window)
         if _SYNC_FILE_RANGE is None or self.written - start < WRITEBACK_EVERY:
             return
-        _SYNC_FILE_RANGE(self.fd, start, self.written - start, _SFR_WRITE)
-        _advise(self.fd, *self.window, "POSIX_FADV_DONTNEED")
+        _SYNC_FILE_RANGE(self.file.fd, start, self.written - start, _SFR_WRITE)
+        _advise(self.file.fd, *self.window, "POSIX_FADV_DONTNEED")
         self.window = (start, self.written - start)
 
-    def _check(self) -> None:
+    def _error(self) -> BaseException | None:
         if self.error is not None:
-            raise self.error
+            return self.error
+        return self.behind.error if self.behind is not None else None
+
+    def _check(self) -> None:
+        err = self._error()
+        if err is not None:
+            raise err
         if self.stop.is_set():
             raise Stopped()
 
@@ -491,7 +576,7 @@ class Sink:
 
     def _flush(self) -> None:
         if self.cur is not None and self.fill:
-            self.inbox.put((self.cur, self.fill, self.queued))
+            self._send(Block(self.cur, self.queued, self.fill))
             self.queued += self.fill
             self.cur, self.fill = None, 0
 
@@ -502,19 +587,20 @@ class Sink:
             self._flush()
         if self.cur is None:
             self.cur = self._take()
-        return memoryview(self.cur)[self.fill:]
+        return self.cur.data[self.fill :]
 
     def commit(self, n: int) -> None:
         """The next ``n`` bytes of the last ``space()`` are data (hashed here, while they are in cache)."""
-        if self.hash is not None and not self.hash_behind:
-            self.hash.update(memoryview(self.cur)[self.fill : self.fill + n])
+        if self.sha is not None and self.cur is not None:
+            self.sha.update(self.cur.data[self.fill : self.fill + n])
         self.fill += n
 
-    def write(self, data) -> None:
-        """Copy ``data`` (bytes-like or numpy array) into the stream."""
+    def write(self, data: BytesLike) -> None:
+        """Copy ``data`` (bytes-like or numpy array, any layout) into the stream."""
         if isinstance(data, np.ndarray):
-            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        src = memoryview(data).cast("B")
+            src = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+        else:
+            src = memoryview(data).cast("B")
         while len(src):
             dst = self.space()
             k = min(len(dst), len(src))
@@ -532,95 +618,33 @@ class Sink:
         """Flush, fsync and close; returns the sha256 of everything written (None when not hashed)."""
         self._check()
         self._flush()
-        self.inbox.put(None)
+        self._send(None)
         for t in self.threads:
             t.join()
         try:
-            if self.error is not None:
-                raise self.error
-            if os.fstat(self.fd).st_size != self.queued:
-                os.ftruncate(self.fd, self.queued)
-            os.fsync(self.fd)
+            err = self._error()
+            if err is not None:
+                raise err
+            if os.fstat(self.file.fd).st_size != self.queued:
+                os.ftruncate(self.file.fd, self.queued)
+            os.fsync(self.file.fd)
         finally:
-            self._release()
-        return self.hash.hexdigest() if self.hash is not None else None
-
-    def _release(self) -> None:
-        """Close the file and return the buffers, once; the buffers only if the writer thread has ended."""
-        if self.fd < 0:
-            return
-        os.close(self.fd)
-        self.fd = -1
-        if not any(t.is_alive() for t in self.threads):
-            give_buffers(self.buffers)
+            self._close_file()
+        sha = self.behind.sha if self.behind is not None else self.sha
+        return sha.hexdigest() if sha is not None else None
 
     def abort(self) -> None:
+        """Stop the threads (within 5 s) and close the file, which is left as it is for its owner to remove."""
         self.error = self.error or Stopped()
-        self.inbox.put(None)
+        self._send(None)
         for t in self.threads:
             t.join(timeout=5)
-        self._release()
+        self._close_file()
 
 
-def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(HASH_READ)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            if stop is not None and stop.is_set():
-                raise Stopped()
-            n = f.readinto(mv)
-            if not n:
-                break
-            h.update(mv[:n])
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.w3repack-tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def copy_file_atomic(src: Path, dst: Path, stop: threading.Event | None = None) -> str:
-    """Copy ``src`` to ``dst`` through a temporary name; returns the sha256 of the bytes copied."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.w3repack-tmp")
-    h = hashlib.sha256()
-    buf = bytearray(HASH_READ)
-    mv = memoryview(buf)
-    with open(src, "rb", buffering=0) as fi, open(tmp, "wb", buffering=0) as fo:
-        while True:
-            if stop is not None and stop.is_set():
-                raise Stopped()
-            n = fi.readinto(mv)
-            if not n:
-                break
-            h.update(mv[:n])
-            out = mv[:n]
-            while len(out):
-                out = out[fo.write(out):]
-        os.fsync(fo.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    """sha256 of regular file ``path`` (a FIFO or device is refused, never waited on)."""
+    with SeqReader(path) as r:
+        sha = r.hexdigest()
+    assert sha is not None
+    return sha

@@ -24,7 +24,7 @@ import numpy as np
 from repack.checkpoint import INDEX_NAME, QCONFIG_NAME, open_checkpoint, parse_json
 from repack.errors import UserError
 from repack.ops import OPS, Difference, Found, Place, Progress, first_diff
-from repack.output import MANIFEST_NAME, Manifest, ManifestError
+from repack.output import MANIFEST_NAME, Manifest, ManifestError, ShardHashes
 from repack.plan import Options, Plan, ShardPlan, build_plan, check_options
 from repack.run import ProgressFactory, cores, effective_workers, no_progress
 from repack.safetensors_io import read_header
@@ -96,16 +96,15 @@ def verify(src: Path, dst: Path, workers: int | None = None, progress: ProgressF
         def job(sp: ShardPlan) -> None:
             local: dict[str, int] = {}
             try:
-                src_sha: list[str | None] = []
                 want_src = man_src[sp.name].sha256 if sp.name in man_src else None
-                sha = verify_shard(plan, sp, dst, local, advance, hashed=manifest.output_sha(sp.name) is not None,
-                                   spread=n < cores(), source_sha=src_sha if want_src is not None else None)
-                if src_sha and src_sha[0] != want_src:
+                got = verify_shard(plan, sp, dst, local, advance, hashed=manifest.output_sha(sp.name) is not None,
+                                   spread=n < cores(), hash_source=want_src is not None)
+                if want_src is not None and got.source_sha256 != want_src:
                     with lock:
                         src_diffs[sp.name] = Difference(str(mpath), None, None,
                                                         f"sha256 recorded for source {sp.name} does not match the source")
-                if sha is not None:
-                    dst_sha[sp.name] = sha
+                if got.sha256 is not None:
+                    dst_sha[sp.name] = got.sha256
             except Found as f:
                 shard_diffs[sp.name] = f.diff
             with lock:
@@ -296,8 +295,10 @@ def _json_diff(want: object, have: object, path: str = "") -> str:
 
 
 def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: Progress, hashed: bool = True,
-                 spread: bool = False, source_sha: list[str | None] | None = None) -> str | None:
-    """Compare one output shard with its source; returns the output's sha256 (None unless ``hashed``; ``spread``: hash on a thread of its own)."""
+                 spread: bool = False, hash_source: bool = False) -> ShardHashes:
+    """Compare one output shard with its source; raises Found at the first difference. Returns the sha256 of
+    the output shard (None unless ``hashed``; ``spread``: hashed on a thread of its own) and of the source
+    shard (None unless ``hash_source``)."""
     dpath = dst / sp.name
     dname = str(dpath)
     try:
@@ -311,9 +312,7 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             if t is None or t.dtype != dt or t.shape != shape:
                 raise Found(Difference(dname, name, None, f"header entry {t and (t.dtype, list(t.shape))} != expected {(dt, list(shape or ()))}"))
         raise Found(Difference(dname, None, None, f"size {h.file_size} != expected {sp.out_size}"))
-    sr = SeqReader(plan.ckpt.root / sp.name, hashed=source_sha is not None)
-    dr = SeqReader(dpath, hashed=hashed, hash_behind=spread)
-    try:
+    with SeqReader(plan.ckpt.root / sp.name, hashed=hash_source) as sr, SeqReader(dpath, hashed=hashed, hash_behind=spread) as dr:
         sr.read(sp.src.data_offset)
         head = np.frombuffer(dr.read(sp.data_offset), dtype=np.uint8)
         want = np.frombuffer(sp.prefix, dtype=np.uint8)
@@ -326,9 +325,5 @@ def verify_shard(plan: Plan, sp: ShardPlan, dst: Path, counts: dict, progress: P
             OPS[op.op].verify(plan.ckpt, op, sr, dr, Place(dname, base, src_name))
             counts[op.op.value] = counts.get(op.op.value, 0) + 1
             progress(op.src.nbytes)
-        if source_sha is not None:
-            source_sha.append(sr.hexdigest())
-        return dr.hexdigest()
-    finally:
-        sr.close()
-        dr.close()
+        src_sha = sr.hexdigest()
+        return ShardHashes(dr.hexdigest(), src_sha)

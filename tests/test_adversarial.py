@@ -333,11 +333,55 @@ def _rename_shard(src: Path, new: str) -> None:
 def test_shard_names_that_are_reserved_or_not_normalized_are_refused(src, tmp_path, name):
     _rename_shard(src, name)
     r = cli("convert", src, tmp_path / "dst")
-    if name == "w3repack.json" and r.returncode == 0:  # a source holding a manifest is taken for an output
-        assert "nothing to convert" in r.stdout and not (tmp_path / "dst").exists()
+    if name == "w3repack.json":  # the shard is read as the manifest it is named like: not one, so no output
+        assert_refused(r, str(src / "w3repack.json"), "unreadable manifest", "reserves")
+        assert "nothing to convert" not in r.stdout + r.stderr
     else:
         assert_refused(r, INDEX, repr(name))
-    assert not (tmp_path / "dst" / "w3repack.json").exists()
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_manifest_named_last_shard_is_refused_not_taken_for_an_output(src, tmp_path):
+    """The index points its last shard at ``w3repack.json``: the file is there under the manifest's name but is
+    a safetensors shard; convert and convert --dry-run refuse it, naming it, and write nothing."""
+    last = shard_names(src)[-1]
+    os.rename(src / last, src / "w3repack.json")
+    edit_json(src / INDEX, lambda ix: ix["weight_map"].update({t: "w3repack.json" for t, s in ix["weight_map"].items()
+                                                               if s == last}))
+    assert sorted(set(json.loads((src / INDEX).read_text())["weight_map"].values()))[-1] == "w3repack.json"
+    for args in (["convert", src, tmp_path / "dst"], ["convert", src, tmp_path / "dst", "--dry-run"]):
+        assert_refused(cli(*args), str(src / "w3repack.json"), "unreadable manifest")
+    assert not (tmp_path / "dst").exists()
+
+
+def _manifest_of_output(out: Path) -> bytes:
+    return (out / "w3repack.json").read_bytes()
+
+
+@pytest.mark.parametrize("content, says", [
+    (lambda out: b"", "unreadable manifest"),
+    (lambda out: b"{not json", "unreadable manifest"),
+    (lambda out: json.dumps({"tool": "w3repack", "complete": True}).encode(), "no options object"),
+    # a real manifest, of the output of this very source: its output shards have the source's names, not sizes
+    (_manifest_of_output, "not the manifest of this folder"),
+    (lambda out: json.dumps({**json.loads(_manifest_of_output(out)), "complete": False}).encode(), "not mark the conversion complete"),
+    (lambda out: json.dumps({**json.loads(_manifest_of_output(out)), "output_shards": []}).encode(), "records no output shard"),
+])
+def test_a_source_holding_w3repack_json_counts_as_an_output_only_if_it_is_its_manifest(src, done, tmp_path, content, says):
+    """w3repack.json in a source makes it "already a w3repack output" only if it parses as a manifest that
+    describes the folder; anything else is one error naming the file, exit 2, nothing written."""
+    (src / "w3repack.json").write_bytes(content(done))
+    line = assert_refused(cli("convert", src, tmp_path / "dst"), str(src / "w3repack.json"), says)
+    assert "nothing to convert" not in line
+    assert not (tmp_path / "dst").exists()
+
+
+def test_an_output_copied_elsewhere_is_still_nothing_to_convert(out, tmp_path):
+    r = cli("convert", out, tmp_path / "again")
+    assert r.returncode == 0 and "nothing to convert" in r.stdout, r.stderr
+    (out / shard_names(out)[0]).write_bytes(b"short")  # a shard no longer the size the manifest records
+    assert_refused(cli("convert", out, tmp_path / "again"), str(out / "w3repack.json"), shard_names(out)[0], "bytes")
+    assert not (tmp_path / "again").exists()
 
 
 def _add_tensor(shard: Path, name: str, dtype: str, shape: tuple[int, ...], data: bytes) -> None:

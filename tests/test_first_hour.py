@@ -157,8 +157,11 @@ def test_ctrl_c_during_a_hub_download_exits_at_once_and_fetches_nothing_more(big
     assert len(names) >= 3
     with FakeHub(big_shards, REPO, COMMIT, slow=names, delay=0.05, chunk=64 << 10) as hub:
         cmd = [sys.executable, "-m", "repack", "convert", REPO, str(tmp_path / "out"), "--workers", "2"]
+        # SIGINT as a terminal's Ctrl-C delivers it: a test run started in the background (``pytest &``, or by a
+        # runner that ignores SIGINT) passes SIG_IGN on, and Python then ignores Ctrl-C for good
         p = subprocess.Popen(cmd, env=hub_env(tmp_path / "hf", endpoint=hub.url), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while not hub.full_gets() and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.01)

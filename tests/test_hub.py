@@ -205,8 +205,8 @@ def test_missing_shard_offline_is_refused_before_any_work(source, hf_home, tmp_p
 
 
 def test_space_check_counts_output_and_shards_to_fetch(source, hf_home, tmp_path, monkeypatch):
-    import repack.output
     import repack.sources.hub as hub
+    import repack.space
     from repack.convert import fingerprint
     from repack.errors import UserError
     from repack.output import Output
@@ -231,13 +231,13 @@ def test_space_check_counts_output_and_shards_to_fetch(source, hf_home, tmp_path
         biggest = max(s.src_size for s in plan.shards)
         free = plan.out_total_bytes() + biggest + 1
         usage = shutil._ntuple_diskusage(free * 10, free * 9, free)
-        monkeypatch.setattr(repack.output.shutil, "disk_usage", lambda p, usage=usage: usage)
+        monkeypatch.setattr(repack.space.shutil, "disk_usage", lambda p, usage=usage: usage)
         fetch = hs.space_needed(plan.shards, 1)
         if delete:
-            out.check_space(plan.out_total_bytes(), fetch, hs.space_hint)
+            repack.space.check_space(out.path, plan.out_total_bytes(), fetch, hs.space_hint)
         else:
             with pytest.raises(UserError, match="delete-source-shards"):
-                out.check_space(plan.out_total_bytes(), fetch, hs.space_hint)
+                repack.space.check_space(out.path, plan.out_total_bytes(), fetch, hs.space_hint)
 
 
 @pytest.fixture(scope="module")

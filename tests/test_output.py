@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
-from repack import output
+from repack import space
 from repack.errors import UserError
-from repack.output import MANIFEST_NAME, STATE_DIR, FileRecord, Manifest, ManifestError, Output, ShardHashes, finished_output
+from repack.output import (
+    MANIFEST_NAME,
+    STATE_DIR,
+    FileRecord,
+    Manifest,
+    ManifestError,
+    Output,
+    OutputStateError,
+    RunState,
+    ShardHashes,
+    finished_output,
+)
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -39,12 +51,20 @@ def test_manifest_is_lenient_except_for_options(tmp_path):
         finished_output(tmp_path)
 
 
+def write_shard(out: Output, name: str, data: bytes) -> None:
+    part = out.open_partial(name)
+    assert part.path == out.path / STATE_DIR / f"{name}.partial" and part.path.is_file()
+    os.write(part.fd, data)
+    os.close(part.fd)
+    out.commit_shard(name, ShardHashes(None, None))
+
+
 def run_once(dst: Path, fp: dict, files: dict[str, bytes]) -> Output:
     out = Output(dst)
+    out.prepare(fp, {n: len(d) for n, d in files.items()}, set(files), overwrite=True)
     out.start(fp, {})
     for name, data in files.items():
-        out.partial_path(name).write_bytes(data)
-        out.commit_shard(name, ShardHashes(None, None))
+        write_shard(out, name, data)
     return out
 
 
@@ -95,11 +115,88 @@ def test_finish_writes_the_manifest_and_drops_the_state(tmp_path):
 
 
 def test_space_checks_add_up_what_shares_a_device(tmp_path, monkeypatch):
-    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: Usage(1 << 40, 0, 1000))
-    out = Output(tmp_path / "new" / "dst")
-    out.check_space(1000)
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda p: Usage(1 << 40, 0, 1000))
+    dst = tmp_path / "new" / "dst"
+    space.check_space(dst, 1000)
     with pytest.raises(UserError, match=r"output needs 1,001 more bytes.*1,000 bytes"):
-        out.check_space(1001)
-    out.check_space(600, [(tmp_path / "cache", 400)])
+        space.check_space(dst, 1001)
+    space.check_space(dst, 600, [(tmp_path / "cache", 400)])
     with pytest.raises(UserError, match=r"needs 1,001 bytes.*source shards to fetch.*; hint$"):
-        out.check_space(600, [(tmp_path / "cache", 401)], "; hint")
+        space.check_space(dst, 600, [(tmp_path / "cache", 401)], "; hint")
+
+
+def test_a_run_goes_through_its_states_in_order(tmp_path):
+    dst, fp = tmp_path / "dst", {"run": 1}
+    out = Output(dst)
+    assert out.state is RunState.NEW and out.record("hub-headers", "a") is None and not dst.exists()
+    out.prepare(fp, {"a": 3}, {"a"}, overwrite=False)
+    assert out.state is RunState.PREPARED and (dst / STATE_DIR / "lock").is_file()
+    out.start(fp, {})
+    assert out.state is RunState.WRITING and out.finished("a") is None
+    write_shard(out, "a", b"abc")
+    assert out.finished("a") == ShardHashes(None, None)
+    out.finish(Manifest(fp, {}, "src", [], [FileRecord("a", 3, None)], [], {}, [], 3, False))
+    assert out.state is RunState.FINISHED and sorted(p.name for p in dst.iterdir()) == ["a", MANIFEST_NAME]
+    out.release()
+    assert out.state is RunState.FINISHED
+
+
+@pytest.mark.parametrize("step, at, want", [
+    ("start", "new", "PREPARED"),
+    ("open_partial", "prepared", "WRITING"),
+    ("commit_shard", "prepared", "WRITING"),
+    ("write_file", "new", "WRITING"),
+    ("save_record", "prepared", "WRITING"),
+    ("finish", "prepared", "WRITING"),
+    ("prepare", "prepared", "NEW"),
+    ("prepare", "writing", "NEW"),
+    ("start", "writing", "PREPARED"),
+    ("open_partial", "finished", "WRITING"),
+    ("write_file", "aborted", "WRITING"),
+    ("finished", "aborted", "WRITING"),
+])
+def test_a_step_out_of_order_is_refused_naming_both_states(tmp_path, step, at, want):
+    """A misuse is a bug of the caller: OutputStateError (not a UserError), naming the state needed and the
+    state the run is in; nothing is written."""
+    dst, fp = tmp_path / "dst", {"run": 1}
+    out = Output(dst)
+    if at != "new":
+        out.prepare(fp, {}, set(), overwrite=False)
+    if at in ("writing", "finished", "aborted"):
+        out.start(fp, {})
+    if at == "finished":
+        out.finish(Manifest(fp, {}, "src", [], [], [], {}, [], 0, False))
+    if at == "aborted":
+        out.release()
+    assert out.state.value == at
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    calls = {"start": lambda: out.start(fp, {}), "open_partial": lambda: out.open_partial("a"),
+             "commit_shard": lambda: out.commit_shard("a", ShardHashes(None, None)),
+             "write_file": lambda: out.write_file("config.json", b"{}"),
+             "save_record": lambda: out.save_record("hub-headers", "a", b"x"),
+             "finish": lambda: out.finish(Manifest(fp, {}, "src", [], [], [], {}, [], 0, False)),
+             "prepare": lambda: out.prepare(fp, {}, set(), overwrite=False), "finished": lambda: out.finished("a")}
+    with pytest.raises(OutputStateError) as e:
+        calls[step]()
+    assert not isinstance(e.value, UserError)
+    assert str(e.value) == f"{dst}: {step} needs the run {want}, but it is {at.upper()}"
+    assert out.state.value == at
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_release_ends_a_run_in_any_state(tmp_path):
+    """``release`` is safe in ``finally`` whatever happened: a held lock is dropped (ABORTED), else nothing."""
+    out = Output(tmp_path / "new")
+    out.release()
+    assert out.state is RunState.NEW and not (tmp_path / "new").exists()
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    out = Output(tmp_path)
+    with pytest.raises(UserError, match="files that are not from w3repack"):
+        out.prepare({}, {}, set(), overwrite=False)
+    assert out.state is RunState.LOCKED
+    out.release()
+    assert out.state is RunState.ABORTED
+    again = Output(tmp_path)
+    with pytest.raises(UserError, match="files that are not from w3repack"):  # not "in use by another run"
+        again.prepare({}, {}, set(), overwrite=False)
+    again.release()

@@ -49,11 +49,8 @@ def _reader_on(tmp_path, monkeypatch, direct: str, data: bytes, **kw):
     p = tmp_path / "f"
     p.write_bytes(data)
     _cold(p)
-    r = SeqReader(p, **kw)
-    try:
+    with SeqReader(p, **kw) as r:
         yield r
-    finally:
-        r.close()
 
 
 # sizes around the block and alignment boundaries
@@ -122,10 +119,10 @@ def test_reader_reports_a_file_shorter_than_at_open(tmp_path, monkeypatch, direc
 def test_reader_unhashed_and_closed_early(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(_data(3 * READ_BLOCK))
-    r = SeqReader(p, hashed=False)
-    assert bytes(r.read(10)) == p.read_bytes()[:10]
-    assert r.hexdigest() is None
-    r.close()
+    with SeqReader(p, hashed=False) as r:
+        assert bytes(r.read(10)) == p.read_bytes()[:10]
+        assert r.hexdigest() is None
+        r.close()
     r.close()
 
 
@@ -178,13 +175,33 @@ def test_sink_stops_when_asked_and_can_abort_twice(tmp_path):
 
 
 def test_buffers_are_reused_not_shared(tmp_path):
-    a = stream.take_buffers(READ_BLOCK, 2)
+    pool = stream.BufferPool()
+    a = pool.take(READ_BLOCK, 2)
     assert all(b.ctypes.data % stream.HUGE == 0 and len(b) == READ_BLOCK for b in a)
-    stream.give_buffers(a)
-    b = stream.take_buffers(READ_BLOCK, 3)
+    pool.give(a)
+    b = pool.take(READ_BLOCK, 3)
     assert {x.ctypes.data for x in a} <= {x.ctypes.data for x in b}
     assert len({x.ctypes.data for x in b}) == 3
-    stream.give_buffers(b)
+    pool.give(b)
+
+
+def test_reader_and_sink_draw_on_one_pool_and_give_back_on_leaving_with(tmp_path):
+    """A sink's staging buffers and a reader's read-ahead buffers come from the one pool and go back to it
+    when the ``with`` ends, also when it ends by an error (an unfinished sink is aborted)."""
+    p = tmp_path / "f"
+    p.write_bytes(_data(3 * READ_BLOCK))
+    with SeqReader(p) as r:
+        r.read(10)
+        taken = {b.ctypes.data for b in r.buffers}
+    assert r.closed and r.file.fd == -1
+    assert taken <= {b.ctypes.data for b in stream.POOL._spare[READ_BLOCK]}
+    with pytest.raises(ValueError, match="boom"):
+        with Sink(tmp_path / "out", threading.Event()) as sink:
+            sink.write(b"x" * 100)
+            staged = {b.ctypes.data for b in sink.buffers}
+            raise ValueError("boom")
+    assert sink.file.fd == -1 and not any(t.is_alive() for t in sink.threads)
+    assert staged <= {b.ctypes.data for b in stream.POOL._spare[STAGE]}
 
 
 def test_direct_io_refused_by_the_kernel_falls_back_to_buffered(tmp_path, monkeypatch):
@@ -196,24 +213,21 @@ def test_direct_io_refused_by_the_kernel_falls_back_to_buffered(tmp_path, monkey
     p = tmp_path / "f"
     p.write_bytes(data)
     _cold(p)
-    r = SeqReader(p, hashed=False)
-    try:
+    with SeqReader(p, hashed=False) as r:
         assert r.direct
-        buf = stream.take_buffers(READ_BLOCK, 1)[0]
+        buf = stream.POOL.take(READ_BLOCK, 1)[0]
         assert r._fill(buf, 1, 4096) == 4096 and not r.direct
         assert bytes(buf[:4096]) == data[1:4097]
-        stream.give_buffers([buf])
-    finally:
-        r.close()
-    sink = Sink(tmp_path / "out", threading.Event(), hashed=False)
-    assert sink.direct
-    block = stream.take_buffers(STAGE, 1)[0]
-    block[:100] = np.frombuffer(data[:100], dtype=np.uint8)
-    sink._write_block(block, 100, 1)
-    stream.give_buffers([block])
-    assert not sink.direct
-    sink.queued = 101
-    sink.finish()
+        stream.POOL.give([buf])
+    with Sink(tmp_path / "out", threading.Event(), hashed=False) as sink:
+        assert sink.direct
+        block = stream.POOL.take(STAGE, 1)[0]
+        block[:100] = np.frombuffer(data[:100], dtype=np.uint8)
+        sink._write_block(stream.Block(block, 1, 100))
+        stream.POOL.give([block])
+        assert not sink.direct
+        sink.queued = 101
+        sink.finish()
     assert (tmp_path / "out").read_bytes() == b"\0" + data[:100]
 
 
@@ -234,17 +248,15 @@ def test_a_source_in_the_page_cache_is_read_buffered_and_left_cached(tmp_path):
         cold = cached_share(fd, len(data))
         if cold is None or cold > 0.5:
             pytest.skip("page residency cannot be told or dropped on this filesystem")
-        r = SeqReader(p, hashed=True)
-        assert not r.warm
-        assert bytes(r.read(len(data))) == data
-        r.close()
+        with SeqReader(p, hashed=True) as r:
+            assert not r.warm
+            assert bytes(r.read(len(data))) == data
         open(p, "rb").read()  # now it is in the page cache
         assert cached_share(fd, len(data)) == 1.0
-        r = SeqReader(p, hashed=True)
-        assert r.warm and not r.direct
-        assert bytes(r.read(len(data))) == data
-        assert r.hexdigest() == hashlib.sha256(data).hexdigest()
-        r.close()
+        with SeqReader(p, hashed=True) as r:
+            assert r.warm and not r.direct
+            assert bytes(r.read(len(data))) == data
+            assert r.hexdigest() == hashlib.sha256(data).hexdigest()
         assert cached_share(fd, len(data)) == 1.0
     finally:
         os.close(fd)

@@ -108,6 +108,7 @@ def convert(
     from repack.plan import build_plan
     from repack.run import RunConfig, effective_workers
     from repack.sources import nothing_to_convert, open_source
+    from repack.space import check_space
 
     source = open_source(src, revision, delete_source_shards)
     run = RunConfig(workers=workers, overwrite=overwrite, hashes=hashes, progress=_progress())
@@ -124,7 +125,7 @@ def convert(
     nothing_to_convert(source, plan)
     if dry_run:
         fetch = source.space_needed(plan.shards, effective_workers(workers or source.default_workers, len(plan.shards)))
-        out.check_space(plan.out_total_bytes(), fetch, source.space_hint)
+        check_space(out.path, plan.out_total_bytes(), fetch, source.space_hint)
         _output.dry_run(plan, source.label(), dst, fetch, json_out)
         return
     res = execute(plan, out, run, source)

@@ -127,14 +127,27 @@ def read_checkpoint(source: Source, out: Output | None = None) -> Checkpoint:
 
 
 def nothing_to_convert(source: Source, plan: Plan | None = None) -> None:
-    """Raise NothingToDo (exit 0, one line) where ``source`` needs no conversion: it is a w3repack output, or, for
-    the repack target, no module is narrower than 4 bits."""
+    """Raise NothingToDo (exit 0, one line) where ``source`` needs no conversion: it is a w3repack output (its
+    ``w3repack.json`` is a manifest of that folder: :meth:`Manifest.mismatch`), or, for the repack target, no
+    module is narrower than 4 bits. A ``w3repack.json`` that is not the folder's manifest is a UserError naming it."""
+    from repack.checkpoint import read_index
     from repack.errors import NothingToDo
-    from repack.output import MANIFEST_NAME
+    from repack.output import MANIFEST_NAME, Manifest, ManifestError
     from repack.qconfig import CONVERTED_BITS
 
     name = source.label()
-    if (source.root / MANIFEST_NAME).is_file():
+    path = source.root / MANIFEST_NAME
+    reserved = (f"{name} holds {MANIFEST_NAME}, a name w3repack reserves for its manifest: it is taken for a "
+                "w3repack output only where it is the manifest of this folder")
+    try:
+        man = Manifest.load(source.root, follow=True)
+    except ManifestError as e:
+        raise UserError(f"{e}; {reserved}") from None
+    if man is not None:
+        why = man.mismatch(source.root, read_index(source.root, files_present=False)[1],
+                           fetched_later=bool(getattr(source, "repo", "")))
+        if why is not None:
+            raise UserError(f"{path}: not the manifest of this folder ({why}); {reserved}")
         raise NothingToDo(f"{name} is already a w3repack output ({MANIFEST_NAME}): nothing to convert; "
                           "`w3repack verify SOURCE OUTPUT` checks one against its source")
     if plan is not None and plan.options.target == "repack" and not any(m.bits in CONVERTED_BITS for m in plan.ckpt.modules.values()):

@@ -198,7 +198,7 @@ class HubSource(FolderSource):
         done = out.finished(sp.name)
         recorded = done.sha256 if done is not None else None
         try:
-            sha = verify_shard(plan, sp, out.path, counts, lambda n: None, hashed=recorded is not None)
+            sha = verify_shard(plan, sp, out.path, counts, lambda n: None, hashed=recorded is not None).sha256
         except Found as f:
             raise Mismatch(f"{f.diff.line()} (the cached source shard is kept)") from None
         if recorded is not None and recorded != sha:
