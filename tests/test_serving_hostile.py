@@ -563,7 +563,7 @@ def test_smoke_follows_no_redirect_and_sends_the_key_nowhere_else(servers):
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "data:text/plain,hello", "ftp://127.0.0.1/", "gopher://x/",
                                  "127.0.0.1:8000", "http://", "http://h:99999/", "http://h/?q=1", "http://h/#f",
-                                 "http://a b/", "http://h/\x1b[31m"])
+                                 "http://a b/", "http://h/\x1b[31m", "http://127.0.0.1:0"])
 def test_smoke_takes_http_and_https_urls_only(url):
     r = cli("smoke", url, timeout=30)
     line = assert_refused(r, "smoke URL")

@@ -1,10 +1,11 @@
 """Bash text for launcher scripts, through one escaping layer.
 
 Every piece of text a launcher did not write itself (paths, engine arguments, environment keys and values, recipe
-names, warnings in comments) reaches the script through one of four functions: :func:`word` (one ``shlex.quote``d
-word; a :class:`Var` is the only way to place a variable), :func:`comment` (control characters escaped, so it stays
-one line), :func:`assign` / :func:`export` (a validated name and one quoted word). The argv is a Python list
-until :func:`command_lines` turns it into words; grouping ``--flag value`` on one line is layout only.
+names, versions, warnings in comments) reaches the script through :func:`word` (one ``shlex.quote``d word; a
+:class:`Var` is the only way to place a variable) or :func:`comment` (control characters escaped, so it stays one
+line); :func:`assign`, :func:`default` and :func:`export` are a checked name and one :func:`word`. The argv is a
+Python list until :func:`command_lines` turns it into words; grouping ``--flag value`` on one line is layout only.
+:func:`display` is the same argv for a terminal, :func:`write_script` the file.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def write_script(path: Path, data: bytes, overwrite: bool = False) -> None:
             if not overwrite:
                 raise UserError(f"{where}: the file exists; --overwrite replaces it")
         tmp = name if st is None else f".{name}.w3repack-{os.getpid()}.tmp"
-        _create(dfd, tmp, data, where)
+        _create(dfd, tmp, data, where if tmp == name else f"{where} (its temporary file {printable(tmp)})")
         if tmp != name:
             try:
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -222,7 +223,7 @@ def _create(dfd: int, name: str, data: bytes, where: str) -> None:
     try:
         fd = os.open(name, flags, 0o700, dir_fd=dfd)
     except FileExistsError:
-        raise UserError(f"{where}: appeared while it was being written; refused") from None
+        raise UserError(f"{where}: something appeared there meanwhile; refused, nothing written") from None
     except OSError as e:
         hint = " (a read-only file system?)" if e.errno == errno.EROFS else ""
         raise UserError(f"{where}: cannot create it: {e.strerror}{hint}") from None

@@ -122,7 +122,9 @@ def parse_url(url: str) -> Origin:
     prefix = u.path.rstrip("/")
     if prefix.endswith("/v1"):
         prefix = prefix[:-3]
-    return Origin(scheme, u.hostname, port or (443 if scheme == "https" else 80), prefix)
+    if port == 0:
+        raise ValueError("port 0 is not a server's port")
+    return Origin(scheme, u.hostname, port if port is not None else (443 if scheme == "https" else 80), prefix)
 
 
 def _request(origin: Origin, path: str, body: dict | None, timeout: float, api_key: str | None) -> tuple[int, dict | str]:
