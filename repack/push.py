@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +21,32 @@ class UploadOp:
     size: int
 
 
-def upload_ops(dst: Path, card_text: str) -> list[UploadOp]:
-    """What a push uploads: every visible file of DST (README.md replaced by the generated card)."""
+def _entries(dst: Path) -> dict[str, os.stat_result]:
+    """Every entry under DST by relative path, links not followed (a linked folder is an entry, not descended)."""
+    out: dict[str, os.stat_result] = {}
+    for top, dirs, files in os.walk(dst, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            p = Path(top) / name
+            out[p.relative_to(dst).as_posix()] = p.lstat()
+    return out
+
+
+def upload_files(dst: Path) -> list[UploadOp]:
+    """Every visible file of DST but README.md. Regular files inside DST only: a visible symbolic link (wherever
+    it points), FIFO, socket or device is refused."""
     from huggingface_hub.utils import filter_repo_objects
 
-    files = {p.relative_to(dst).as_posix(): p for p in sorted(dst.rglob("*")) if p.is_file()}
-    keep = filter_repo_objects(list(files), ignore_patterns=UPLOAD_IGNORE)
-    ops = [UploadOp(rel, files[rel], files[rel].stat().st_size) for rel in keep]
-    ops.append(UploadOp("README.md", None, len(card_text.encode())))
-    return ops
+    entries = _entries(dst)
+    keep = list(filter_repo_objects(sorted(rel for rel, st in entries.items() if not stat.S_ISDIR(st.st_mode)),
+                                    ignore_patterns=UPLOAD_IGNORE))
+    for rel in keep:
+        mode = entries[rel].st_mode
+        if stat.S_ISLNK(mode):
+            raise UserError(f"{dst / rel}: a symbolic link (to {os.readlink(dst / rel)}); push uploads regular files "
+                            "inside the folder only: replace it by the file or remove it")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{dst / rel}: not a regular file (a FIFO, socket or device); push uploads regular files only")
+    return [UploadOp(rel, dst / rel, entries[rel].st_size) for rel in keep]
 
 
 def push(dst: Path, repo_id: str, private: bool = False, dry_run: bool = False, verify_report: dict | None = None,
@@ -43,8 +62,9 @@ def push(dst: Path, repo_id: str, private: bool = False, dry_run: bool = False, 
     if parse_repo_id(repo_id) is None and not REPO_RE.match(repo_id):
         raise UserError(f"{repo_id}: not a hub repo id (org/name)")
     finished_output(dst)
+    files = upload_files(dst)  # links and special files refused before anything else reads DST
     text = card.build_card(dst, repo_id, verify_report=verify_report)
-    ops = upload_ops(dst, text)
+    ops = [*files, UploadOp("README.md", None, len(text.encode()))]
     message = commit_message or "Upload w3repack 4-bit GPTQ repack"
     summary = {"repo": repo_id, "private": private, "dry_run": dry_run, "revision": revision or "main",
                "create_pr": create_pr, "commit_message": message, "card": text,

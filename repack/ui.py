@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -41,6 +42,18 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 SCHEMA_VERSION = 1
 VERBOSITY = {"level": 0}  # -1 quiet, 0 normal, 1 verbose
 _ACTIVE: list[Reporter] = []
+
+
+def printable(s: str, keep: str = "") -> str:
+    """``s`` with every non-printable character (newlines, terminal escapes, other controls, lone surrogates)
+    written as its Python escape, except those in ``keep``: what outside text becomes before it is printed."""
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in s)
+
+
+def safe(x: object) -> str:
+    """Outside text for a line printed with Rich markup: printable, and its ``[`` taken literally."""
+    return escape(printable(str(x)))
 
 
 def set_verbosity(level: int) -> None:
@@ -85,7 +98,7 @@ def print_json(obj: object) -> None:
     """JSON on stdout; an object gets ``schema_version`` first (its keys are stable snake_case)."""
     if isinstance(obj, dict):
         obj = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in obj.items() if k != "schema_version"}}
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -122,7 +135,7 @@ class Reporter:
     # --- plain lines --------------------------------------------------------------------------------------
 
     def _line(self, text: str) -> None:
-        sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.label}: {text}\n")
+        sys.stderr.write(printable(f"{time.strftime('%H:%M:%S')} {self.label}: {text}") + "\n")
         sys.stderr.flush()
 
     def status_line(self) -> str:
@@ -157,7 +170,7 @@ class Reporter:
         with self.lock:
             self.fetch = (name, 0, size)
         if self.bar is not None:
-            self.fetch_task = self.bar.add_task(f"fetch {name}", total=size)
+            self.fetch_task = self.bar.add_task(f"fetch {safe(name)}", total=size)
         elif self.mode == "plain" and self.verbose:
             self._line(f"fetching {name} ({human(size)})")
 
@@ -204,7 +217,7 @@ def byte_progress(label: str, total: int, enabled: bool | None = None, shards: i
                 TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                 SpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
             ) as p:
-                rep.bar, rep.task = p, p.add_task(label, total=total)
+                rep.bar, rep.task = p, p.add_task(safe(label), total=total)
                 yield rep
             return
         if rep.mode == "plain":

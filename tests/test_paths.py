@@ -218,7 +218,7 @@ def test_dense_converted_model_caps_or_warns_beyond_index_topk(tmp_path):
     r = run("launch", tmp_path / "dst", *base)
     assert r.returncode == 0, r.stderr
     assert "exact up to index_topk=64 tokens" in r.stderr
-    r = run("launch", tmp_path / "dst", *base, "--dense-context", "cap")
+    r = run("launch", tmp_path / "dst", *base, "--dense-context", "cap", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "--max-model-len 64" in (tmp_path / "s.sh").read_text() and "index_topk" not in r.stderr
 

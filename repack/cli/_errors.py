@@ -20,10 +20,6 @@ EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3
 INTERRUPTED = "interrupted: nothing half-written was kept; run the same command again to resume"
 
 
-def _printable(s: str) -> str:
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
-
-
 def is_click(e: BaseException, name: str) -> bool:
     """Click's exception classes by name: typer may bring its own copy of click (``typer._click``)."""
     return any(c.__name__ == name and "click" in c.__module__ for c in type(e).__mro__)
@@ -41,19 +37,19 @@ class Rule:
 
 
 TABLE: list[Rule] = [
-    Rule(lambda e: isinstance(e, Mismatch), lambda e: EXIT_MISMATCH, lambda e: f"verification failed: {e}",
+    Rule(lambda e: isinstance(e, Mismatch), lambda e: EXIT_MISMATCH, lambda e: f"verification failed: {ui.printable(str(e))}",
          debug_raises=True),
-    Rule(lambda e: isinstance(e, UserError), lambda e: EXIT_USAGE, lambda e: f"error: {_printable(str(e))}",
+    Rule(lambda e: isinstance(e, UserError), lambda e: EXIT_USAGE, lambda e: f"error: {ui.printable(str(e))}",
          debug_raises=True),
-    Rule(lambda e: isinstance(e, NothingToDo), lambda e: EXIT_OK, str, stdout=True),
+    Rule(lambda e: isinstance(e, NothingToDo), lambda e: EXIT_OK, lambda e: ui.printable(str(e)), stdout=True),
     Rule(lambda e: isinstance(e, KeyboardInterrupt), lambda e: EXIT_INTERRUPTED, lambda e: INTERRUPTED),
     Rule(lambda e: isinstance(e, typer.Exit) or is_click(e, "Exit"), lambda e: int(getattr(e, "exit_code", 0) or 0),
          lambda e: None),
     Rule(lambda e: isinstance(e, typer.Abort), lambda e: EXIT_INTERRUPTED, lambda e: "aborted"),
     Rule(lambda e: is_click(e, "ClickException"), lambda e: EXIT_USAGE,
-         lambda e: f"error: {e.format_message()}"),  # type: ignore[attr-defined]
+         lambda e: f"error: {ui.printable(e.format_message())}"),  # type: ignore[attr-defined]
     Rule(lambda e: True, lambda e: EXIT_INTERNAL,
-         lambda e: f"internal error: {type(e).__name__}: {e} (a bug in w3repack; run with --debug for a traceback)",
+         lambda e: f"internal error: {type(e).__name__}: {ui.printable(str(e))} (a bug in w3repack; run with --debug for a traceback)",
          debug_raises=True),
 ]
 

@@ -10,7 +10,6 @@ forced: on sm90 vLLM >= 0.30 picks Humming for 4-bit, which measured as fast as 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +17,7 @@ from packaging.version import InvalidVersion, Version
 
 from repack.errors import UserError
 from repack.serve import paths, planner, recipes
-from repack.serve.shell import PREFLIGHT_GPUS, arg_lines, dq
+from repack.serve import shell as sh
 
 DEFAULT_VLLM = "0.33.0"
 RAY_PORT = 6379
@@ -75,33 +74,46 @@ def version_flags(version: str, model: planner.Model, gpu: planner.Gpu, path: st
     return out
 
 
-def command(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1) -> list[str]:
-    args = ["vllm", "serve", model_path, *plan.vllm_args, *flags.args]
+def engine_args(plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1, trust_remote_code: bool = False) -> list[str]:
+    """What follows ``vllm serve MODEL``: the plan's arguments (the pass-through ones last among them), the
+    version's flags, the Ray backend for ``nodes > 1``, ``--trust-remote-code`` only when asked."""
+    args = [*plan.vllm_args, *flags.args]
     if nodes > 1:
         args += ["--distributed-executor-backend", "ray"]
+    if trust_remote_code:
+        args.append("--trust-remote-code")
     return args
 
 
-def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1, recipe: dict | None = None) -> str:
+def command(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1,
+            trust_remote_code: bool = False) -> list[str]:
+    """``vllm serve MODEL ...`` as an argv list (nothing in it is parsed again by a shell)."""
+    return ["vllm", "serve", model_path, *engine_args(plan, flags, nodes, trust_remote_code)]
+
+
+def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes: int = 1, recipe: dict | None = None,
+           trust_remote_code: bool = False) -> str:
     """A bash launcher: preflight (GPU count and memory, vLLM import and version), then ``exec vllm serve``.
     With ``nodes > 1``: the Ray variant (``serve.sh head`` on the first node, ``serve.sh worker HEAD_IP``
-    on the others)."""
-    tp = plan.tensor_parallel
+    on the others). Outside text reaches it only through :mod:`repack.serve.shell`; the engine receives
+    ``[$VLLM, serve, $MODEL, *engine_args(...)]`` exactly."""
+    tp, nodes = int(plan.tensor_parallel), int(nodes)
     need_mib = int(plan.gpu.memory_gib * 1024 * 0.98)
+    env = sh.check_env(dict(plan.env))
     L = ["#!/usr/bin/env bash"]
-    L.append(f"# Serve {model_path} with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.")
+    L.append(sh.comment(f"Serve {model_path} with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it."))
     if recipe:
-        L.append(f"# recipe: {recipe['name']} ({recipe.get('description', '')})")
+        L.append(sh.comment(f"recipe: {recipe['name']} ({recipe.get('description', '')})"))
     g = plan.gpu
-    L.append(f"# plan: {nodes} node(s) x {tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, "
-             f"TP {tp}" + (f" x PP {plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else ""))
-    L.append(f"# weights {plan.weights_gib_per_gpu:.2f} GiB per GPU ({plan.weights_gib_on_gpu:.2f} GiB on the GPU), "
-             f"KV cache {plan.kv_bytes_per_token} bytes per token, {plan.kv_cache_gib:.2f} GiB per GPU")
-    L.append(f"# max context {plan.max_model_len} tokens at --gpu-memory-utilization {plan.gpu_memory_utilization:g} "
-             f"(capacity {plan.capacity_tokens} tokens); fits: {'yes' if plan.fits else 'NO: ' + plan.reason}")
-    L.append(f"# flags chosen for vLLM {flags.version}")
+    L.append(sh.comment(f"plan: {nodes} node(s) x {tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, "
+                        f"TP {tp}" + (f" x PP {plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else "")))
+    L.append(sh.comment(f"weights {plan.weights_gib_per_gpu:.2f} GiB per GPU ({plan.weights_gib_on_gpu:.2f} GiB on the GPU), "
+                        f"KV cache {plan.kv_bytes_per_token} bytes per token, {plan.kv_cache_gib:.2f} GiB per GPU"))
+    L.append(sh.comment(f"max context {plan.max_model_len} tokens at --gpu-memory-utilization {plan.gpu_memory_utilization:g} "
+                        f"(capacity {plan.capacity_tokens} tokens); fits: {'yes' if plan.fits else 'NO: ' + plan.reason}"))
+    L.append(sh.comment(f"flags chosen for vLLM {flags.version}"))
     for w in plan.warnings + flags.notes:
-        L.append(f"# warning: {w}")
+        L.append(sh.comment(f"warning: {w}"))
     L += ["set -euo pipefail", ""]
     if nodes > 1:
         L += ['ROLE="${1:-}"', 'HEAD_IP="${2:-}"',
@@ -110,33 +122,32 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
               '  worker) [ -n "$HEAD_IP" ] || { echo "usage: $0 worker HEAD_IP" >&2; exit 2; } ;;',
               f'  *) echo "usage: $0 head (on the first node) | $0 worker HEAD_IP (on the other {nodes - 1})" >&2; exit 2 ;;',
               'esac', ""]
-    L += [f"MODEL=\"${{MODEL:-{dq(model_path)}}}\"",
+    L += [sh.default("MODEL", model_path),
           'PYTHON="${PYTHON:-python3}"',
           'VLLM="${VLLM:-vllm}"',
-          f"NEED_GPUS={tp}",
-          f"NEED_MIB={need_mib}",
-          f"MIN_VLLM={flags.min_version}"]
+          sh.assign("NEED_GPUS", str(tp)),
+          sh.assign("NEED_MIB", str(need_mib)),
+          sh.assign("MIN_VLLM", flags.min_version),
+          sh.assign("FLAGS_VLLM", flags.version)]
     if nodes > 1:
-        L += [f"NODES={nodes}", f'RAY_PORT="${{RAY_PORT:-{RAY_PORT}}}"']
+        L += [sh.assign("NODES", str(nodes)), f'RAY_PORT="${{RAY_PORT:-{RAY_PORT}}}"']
     L += ["",
-          *PREFLIGHT_GPUS,
+          *sh.PREFLIGHT_GPUS,
           'VLLM_VERSION="$("$PYTHON" -c \'import vllm; print(vllm.__version__)\' 2>/dev/null)" \\',
           '  || die "cannot import vllm with $PYTHON (pip install vllm, or set PYTHON=/path/to/venv/bin/python)"',
           'VLLM_VERSION="${VLLM_VERSION%%+*}"',
           'version_ge "$VLLM_VERSION" "$MIN_VLLM" || die "vLLM $VLLM_VERSION is older than $MIN_VLLM, which these flags need"',
-          f'[ "$VLLM_VERSION" = "{flags.version}" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for '
-          f'{flags.version}; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2',
+          '[ "$VLLM_VERSION" = "$FLAGS_VLLM" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for '
+          '$FLAGS_VLLM; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2',
           'command -v "$VLLM" >/dev/null 2>&1 || die "$VLLM not on PATH (set VLLM=/path/to/venv/bin/vllm)"']
     if nodes > 1:
         L.append('command -v ray >/dev/null 2>&1 || die "ray not on PATH (pip install ray)"')
     L.append('echo "preflight: ${#MEM_MIB[@]} GPUs, vLLM $VLLM_VERSION: ok" >&2')
     L.append("")
-    for k, v in plan.env.items():
-        L.append(f"export {k}={shlex.quote(v)}")
-    if plan.env:
+    for k, v in env.items():
+        L.append(sh.export(k, v))
+    if env:
         L.append("")
-    serve = arg_lines(command("$MODEL", plan, flags, nodes)[3:])
-    exec_lines = ['exec "$VLLM" serve "$MODEL" \\'] + [f"  {a} \\" for a in serve[:-1]] + [f"  {serve[-1]}"]
     if nodes > 1:
         L += ['if [ "$ROLE" = worker ]; then',
               '  exec ray start --address="$HEAD_IP:$RAY_PORT" --block',
@@ -151,7 +162,7 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
               '  sleep 5',
               'done',
               '[ "$HAVE" -ge "$TOTAL" ] || die "only $HAVE of $TOTAL GPUs joined the Ray cluster"']
-    L += exec_lines
+    L += sh.command_lines([sh.Var("VLLM"), "serve", sh.Var("MODEL"), *engine_args(plan, flags, nodes, trust_remote_code)])
     return "\n".join(L) + "\n"
 
 
@@ -244,9 +255,12 @@ def select(model: planner.Model, req: planner.Request, wanted: str = "auto", vll
 
 
 def exec_serve(argv: list[str], env: dict[str, str]) -> None:
-    """Replace this process with ``vllm serve``."""
+    """Replace this process with the engine: ``argv`` as it is (no shell), ``env`` added to the environment."""
+    sh.check_env(env)
+    for a in argv:
+        sh.word(a)  # a NUL cannot reach execve
     exe = shutil.which(argv[0])
     if exe is None:
-        raise UserError(f"{argv[0]} not found on PATH: install vLLM (pip install 'w3repack[serve]') or use `w3repack launch`")
+        raise UserError(f"{argv[0]} not found on PATH: install the engine (pip install 'w3repack[serve]') or use `w3repack launch`")
     os.environ.update(env)
-    os.execvp(exe, argv)
+    os.execv(exe, argv)

@@ -23,12 +23,11 @@ and graphs together.
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import dataclass, field
 
 from repack.errors import UserError
 from repack.serve import planner
-from repack.serve.shell import PREFLIGHT_GPUS, arg_lines, dq
+from repack.serve import shell as sh
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
@@ -247,9 +246,14 @@ def memory(weights_gib_per_gpu: float, kv_per_token: int, gpu: planner.Gpu, tp: 
 
 # ---------------------------------------------------------------- command
 
+HEAD = ("python3", "-m", "sglang.launch_server", "--model-path")
+"""How every SGLang argv starts (``python3`` being the interpreter given): the model path is the next word."""
+
+
 @dataclass(frozen=True)
 class SglangLaunch:
-    """A launch: ``argv`` starts SGLang as is (extra args last, so they override); ``script()`` wraps it in bash."""
+    """A launch: ``argv`` starts SGLang as is (extra args last, so they override); ``script()`` wraps it in bash.
+    Layout: ``argv == [python, *HEAD[1:], model_path, *after_model]``."""
     model_path: str
     argv: list[str]
     env: dict[str, str]
@@ -262,6 +266,10 @@ class SglangLaunch:
     attention_backend: str | None
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def after_model(self) -> list[str]:
+        return self.argv[len(HEAD) + 1:]
 
     def script(self, recipe: dict | None = None) -> str:
         return script(self, recipe)
@@ -293,12 +301,14 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
                    cpu_offload_gb: int | None = None, dtype: str | None = None, attention_backend: str | None = None,
                    disable_cuda_graph: bool = False, consumer_pcie: bool | None = None,
                    env: dict[str, str] | None = None, python: str = "python3",
-                   extra_args: list[str] | tuple[str, ...] = ()) -> SglangLaunch:
+                   extra_args: list[str] | tuple[str, ...] = (), trust_remote_code: bool = False) -> SglangLaunch:
     """The ``python -m sglang.launch_server`` command for a converted checkpoint on ``tp`` GPUs like ``gpu``.
 
     ``version``: the SGLang the flags are for (default: installed, else DEFAULT_SGLANG). ``dtype`` /
     ``attention_backend`` None: chosen here (float16 when the experts are on Marlin; per compute capability).
-    ``cpu_offload_gb`` None: the smallest whole GiB that fits. UserError for a checkpoint SGLang cannot serve.
+    ``cpu_offload_gb`` None: the smallest whole GiB that fits. ``trust_remote_code``: pass ``--trust-remote-code``
+    (only when asked; a config with ``auto_map`` gets a warning otherwise). UserError for a checkpoint SGLang
+    cannot serve.
     """
     f = check_model(model)
     tp = tp or gpu.count
@@ -344,7 +354,7 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
                         f"({mem.cpu_offload_gb * tp} GiB pinned in all), copied over PCIe every forward pass; slow")
     if not mem.fits:
         warnings.append(f"does not fit: {mem.reason}")
-    argv = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--tp-size", str(tp)]
+    argv = [python, *HEAD[1:], model_path, "--tp-size", str(tp)]
     if ep > 1:
         argv += ["--ep-size", str(ep)]
     if dtype:
@@ -354,9 +364,12 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     argv += ["--mem-fraction-static", f"{mem.mem_fraction_static:g}", "--context-length", str(mem.context_length)]
     if mem.cpu_offload_gb:
         argv += ["--cpu-offload-gb", str(mem.cpu_offload_gb)]
-    if f.remote_code:
+    if trust_remote_code:
         argv += ["--trust-remote-code"]
-        reasons.append("--trust-remote-code: config.json has auto_map (the checkpoint's own code)")
+        reasons.append("--trust-remote-code: asked for (SGLang may run the checkpoint's own Python code)")
+    elif f.remote_code:
+        warnings.append("config.json has auto_map (the checkpoint's own Python code); --trust-remote-code is not passed "
+                        "(SGLang serves DeepSeek V3/V3.2 with its own code); add --trust-remote-code if SGLang asks for it")
     if tp > 1 and _consumer(gpu, consumer_pcie):
         argv += ["--disable-custom-all-reduce"]
         reasons.append("--disable-custom-all-reduce: consumer PCIe GPUs without peer-to-peer")
@@ -371,48 +384,48 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
 
 def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
     """Bash: preflight (GPU count and memory, ``import sglang`` and its version >= min), then ``exec`` the server.
-    ``MODEL`` and ``PYTHON`` in the environment override the path and the interpreter."""
+    ``MODEL`` and ``PYTHON`` in the environment override the path and the interpreter. Outside text reaches it only
+    through :mod:`repack.serve.shell`; the server receives ``[$PYTHON, *launch.argv[1:]]`` with ``$MODEL`` as the
+    model path."""
     m, g = launch.memory, launch.gpu
+    env = sh.check_env(dict(launch.env))
     L = ["#!/usr/bin/env bash",
-         f"# Serve {launch.model_path} with stock SGLang. Written by `w3repack launch --engine sglang`; regenerate it rather than edit it."]
+         sh.comment(f"Serve {launch.model_path} with stock SGLang. Written by `w3repack launch --engine sglang`; "
+                    "regenerate it rather than edit it.")]
     if recipe:
-        L.append(f"# recipe: {recipe['name']} ({recipe.get('description', '')})")
-    L.append(f"# plan: {launch.tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, TP {launch.tp}")
-    L.append(f"# weights {m.weights_gib_per_gpu:.2f} GiB per GPU ({m.weights_gib_on_gpu:.2f} GiB on the GPU), "
-             f"KV {m.kv_bytes_per_token} bytes per token, KV pool {m.kv_pool_gib:.2f} GiB = {m.mem_fraction_static:g} x "
-             f"{m.pre_load_gib:.2f} GiB - weights")
-    L.append(f"# context {m.context_length} tokens (pool {m.max_total_tokens} tokens); fits: "
-             + ("yes" if m.fits else "NO: " + m.reason))
-    L.append(f"# flags chosen for SGLang {launch.version}")
-    L += [f"# why: {r}" for r in launch.reasons]
-    L += [f"# warning: {w}" for w in launch.warnings]
+        L.append(sh.comment(f"recipe: {recipe['name']} ({recipe.get('description', '')})"))
+    L.append(sh.comment(f"plan: {launch.tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, TP {launch.tp}"))
+    L.append(sh.comment(f"weights {m.weights_gib_per_gpu:.2f} GiB per GPU ({m.weights_gib_on_gpu:.2f} GiB on the GPU), "
+                        f"KV {m.kv_bytes_per_token} bytes per token, KV pool {m.kv_pool_gib:.2f} GiB = {m.mem_fraction_static:g} x "
+                        f"{m.pre_load_gib:.2f} GiB - weights"))
+    L.append(sh.comment(f"context {m.context_length} tokens (pool {m.max_total_tokens} tokens); fits: "
+                        + ("yes" if m.fits else "NO: " + m.reason)))
+    L.append(sh.comment(f"flags chosen for SGLang {launch.version}"))
+    L += [sh.comment(f"why: {r}") for r in launch.reasons]
+    L += [sh.comment(f"warning: {w}") for w in launch.warnings]
     need_mib = int(g.memory_gib * 1024 * 0.98)
     L += ["set -euo pipefail", "",
-          f'MODEL="${{MODEL:-{dq(launch.model_path)}}}"',
+          sh.default("MODEL", launch.model_path),
           'PYTHON="${PYTHON:-python3}"',
-          f"NEED_GPUS={launch.tp}",
-          f"NEED_MIB={need_mib}",
-          f"MIN_SGLANG={launch.min_version}",
+          sh.assign("NEED_GPUS", str(int(launch.tp))),
+          sh.assign("NEED_MIB", str(need_mib)),
+          sh.assign("MIN_SGLANG", launch.min_version),
+          sh.assign("FLAGS_SGLANG", launch.version),
           "",
-          *PREFLIGHT_GPUS,
+          *sh.PREFLIGHT_GPUS,
           'SGLANG_VERSION="$("$PYTHON" -c \'import importlib.metadata as m; print(m.version("sglang"))\' 2>/dev/null)" \\',
           '  || die "sglang is not installed for $PYTHON (pip install sglang, or set PYTHON=/path/to/venv/bin/python)"',
           'SGLANG_VERSION="${SGLANG_VERSION%%+*}"',
           'version_ge "$SGLANG_VERSION" "$MIN_SGLANG" || die "SGLang $SGLANG_VERSION is older than $MIN_SGLANG, which these flags need"',
-          f'[ "$SGLANG_VERSION" = "{launch.version}" ] || echo "preflight: note: SGLang $SGLANG_VERSION installed, flags '
-          f'chosen for {launch.version}; regenerate with --sglang-version $SGLANG_VERSION if it refuses them" >&2',
+          '[ "$SGLANG_VERSION" = "$FLAGS_SGLANG" ] || echo "preflight: note: SGLang $SGLANG_VERSION installed, flags '
+          'chosen for $FLAGS_SGLANG; regenerate with --sglang-version $SGLANG_VERSION if it refuses them" >&2',
           'echo "preflight: ${#MEM_MIB[@]} GPUs, SGLang $SGLANG_VERSION: ok" >&2',
           ""]
-    for k, v in launch.env.items():
-        L.append(f"export {k}={shlex.quote(v)}")
-    if launch.env:
+    for k, v in env.items():
+        L.append(sh.export(k, v))
+    if env:
         L.append("")
-    args = list(launch.argv[3:])
-    args[args.index("--model-path") + 1] = "$MODEL"
-    lines = arg_lines(args)
-    lines = [ln.replace("--model-path $MODEL", '--model-path "$MODEL"') for ln in lines]
-    L.append('exec "$PYTHON" -m sglang.launch_server \\')
-    L += [f"  {a} \\" for a in lines[:-1]] + [f"  {lines[-1]}"]
+    L += sh.command_lines([sh.Var("PYTHON"), *HEAD[1:], sh.Var("MODEL"), *launch.after_model])
     return "\n".join(L) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of a running OpenAI-compatible server (stdlib ``urllib`` only): it judges what the model says.
+"""Smoke test of a running OpenAI-compatible server (stdlib ``http.client`` only): it judges what the model says.
 
 Checks, each with an answer that can be checked (temperature 0):
 
@@ -15,21 +15,28 @@ The long prompt is where a quantized DeepSeek ``kv_b_proj`` crashes vLLM 0.26 (d
 "hello" test never sees. Every text is also rejected when empty, non-printable, or degenerate (one short unit
 repeated, e.g. ``!!!!``: what broken quantized weights produce).
 
-Bounded: each response is read up to ``MAX_RESPONSE`` bytes, every request within the per-request timeout and
-the whole run within ``total_timeout``; a malformed or oversized response is a failed check (exit 1), never a
-crash. Only a server that gives no HTTP answer to ``GET /v1/models`` raises :class:`Unreachable`.
+Bounded: each response is read up to ``MAX_RESPONSE`` bytes; every request ends by its wall-clock deadline (the
+per-request timeout, cut to what is left of ``total_timeout``) however slowly the bytes arrive; a malformed or
+oversized response is a failed check (exit 1), never a crash. Only a server that gives no HTTP answer to
+``GET /v1/models`` raises :class:`Unreachable`.
+
+Trust: http and https only; requests go to the URL's origin alone (a redirect is reported, not followed, so the
+API key never leaves that origin); a URL with credentials is refused before any name lookup; whatever the server
+sends is shown with control characters escaped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
+
+from repack.errors import UserError
+from repack.ui import printable
 
 DEFAULT_LONG_TOKENS = 9000  # beyond vLLM's default prefill chunk: 2048 below 70 GiB of GPU memory, 8192 above
 MAX_RESPONSE = 4 << 20
@@ -73,18 +80,104 @@ class Report:
                 "checks": [c.__dict__ for c in self.checks]}
 
 
-def _request(url: str, body: dict | None, timeout: float, api_key: str | None) -> tuple[int, dict | str]:
-    """(HTTP status, parsed JSON or the raw text); raises Malformed for a body over MAX_RESPONSE bytes."""
+class Timeout(Exception):
+    """The request's wall-clock deadline passed."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where every request goes: ``scheme://host:port`` and a path prefix; never credentials, query or fragment."""
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.prefix}"
+
+
+def parse_url(url: str) -> Origin:
+    """The server's origin from ``url``; ValueError (naming no credentials) for what smoke does not take: a scheme
+    other than http/https, user or password in the URL, a query or fragment, control characters or spaces."""
+    from urllib.parse import urlsplit
+
+    if any(not c.isprintable() or c.isspace() for c in url):
+        raise ValueError("the URL holds spaces or control characters")
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError as e:
+        raise ValueError(f"not a URL with a valid host and port ({e})") from None
+    scheme = u.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme {u.scheme + ':' if u.scheme else '(none)'} refused: smoke speaks http and https only")
+    if "@" in u.netloc:
+        raise ValueError("credentials in the URL are refused (nothing was sent); put an API key in OPENAI_API_KEY")
+    if u.query or u.fragment or url.endswith(("?", "#")):
+        raise ValueError("a query or fragment in the server URL is refused")
+    if not u.hostname:
+        raise ValueError("no host in the URL")
+    prefix = u.path.rstrip("/")
+    if prefix.endswith("/v1"):
+        prefix = prefix[:-3]
+    if port == 0:
+        raise ValueError("port 0 is not a server's port")
+    return Origin(scheme, u.hostname, port if port is not None else (443 if scheme == "https" else 80), prefix)
+
+
+def _request(origin: Origin, path: str, body: dict | None, timeout: float, api_key: str | None) -> tuple[int, dict | str]:
+    """(HTTP status, parsed JSON or the raw text) of one request to ``origin``, within ``timeout`` wall-clock
+    seconds from now whatever the server does (the socket is shut down at the deadline: a server trickling
+    bytes is cut off too); Timeout then. A redirect is an answer like any other (its status), not followed.
+    Malformed for a body over MAX_RESPONSE bytes or an unparsable HTTP answer; OSError where nothing came."""
+    import http.client
+    import threading
+
+    deadline = time.monotonic() + timeout
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data else {}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw, status = r.read(MAX_RESPONSE + 1), r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(MAX_RESPONSE + 1), e.code
+    cls = http.client.HTTPSConnection if origin.scheme == "https" else http.client.HTTPConnection
+    conn = cls(origin.host, origin.port, timeout=timeout)
+    result: list = []
+    gone = threading.Event()
+
+    def work() -> None:
+        try:
+            conn.request("POST" if data else "GET", origin.prefix + path, body=data, headers=headers)
+            if gone.is_set():
+                return
+            r = conn.getresponse()
+            raw = bytearray()
+            while len(raw) <= MAX_RESPONSE and not gone.is_set():
+                chunk = r.read1(min(1 << 16, MAX_RESPONSE + 1 - len(raw)))
+                if not chunk:
+                    break
+                raw += chunk
+            result.append((r.status, bytes(raw)))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            result.append(e)
+
+    t = threading.Thread(target=work, daemon=True, name="w3repack-smoke-request")
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
+    if t.is_alive():
+        gone.set()
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        raise Timeout(f"no complete answer within {timeout:g} s")
+    conn.close()
+    out = result[0]
+    if isinstance(out, http.client.HTTPException):
+        raise Malformed(f"not an HTTP answer ({type(out).__name__})")
+    if isinstance(out, BaseException):
+        raise out
+    status, raw = out
     if len(raw) > MAX_RESPONSE:
         raise Malformed(f"HTTP {status}: response larger than {MAX_RESPONSE >> 20} MiB")
     text = raw.decode("utf-8", "replace")
@@ -102,8 +195,9 @@ def long_prompt(tokens: int) -> str:
 
 
 def _short(x: object, n: int = 120) -> str:
+    """Server text for a report line: whitespace collapsed, control characters escaped, at most ``n`` characters."""
     s = x if isinstance(x, str) else json.dumps(x)
-    s = " ".join(s.split())
+    s = printable(" ".join(s[: 4 * n].split()))
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
@@ -177,9 +271,15 @@ def cached_tokens(out: dict) -> int | None:
 
 def run(url: str, model: str | None = None, long_tokens: int = DEFAULT_LONG_TOKENS, timeout: float = 600.0,
         api_key: str | None = None, total_timeout: float = DEFAULT_TOTAL_TIMEOUT) -> Report:
-    base = url.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
+    """The checks against the server at ``url`` (see the module docstring). UserError for a URL it refuses
+    (before any connection or name lookup), Unreachable when ``GET /v1/models`` gets no HTTP answer."""
+    try:
+        origin = parse_url(url)
+    except ValueError as e:
+        raise UserError(f"smoke URL: {e}") from None
+    if api_key is not None and any(not c.isprintable() for c in api_key):
+        raise UserError("OPENAI_API_KEY holds control characters; not sent")
+    base = origin.base
     rep = Report(base, model)
     start = time.monotonic()
     deadline = start + total_timeout
@@ -188,23 +288,24 @@ def run(url: str, model: str | None = None, long_tokens: int = DEFAULT_LONG_TOKE
         return min(timeout, deadline - time.monotonic())
 
     try:
-        status, body = _request(base + "/v1/models", None, max(0.1, min(budget(), 30.0)), api_key)
+        status, body = _request(origin, "/v1/models", None, max(0.1, min(budget(), 30.0)), api_key)
     except Malformed as e:
         status, body = 0, str(e)
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError, ValueError) as e:
-        raise Unreachable(f"{base}: {getattr(e, 'reason', e)}") from e
+    except (Timeout, OSError, ValueError) as e:
+        raise Unreachable(f"{base}: {_short(str(e))}") from None
     ids: list[str] = []
     max_len = None
     if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
         ids = [str(m.get("id")) for m in body["data"] if isinstance(m, dict) and m.get("id") is not None]
         for m in body["data"]:
-            if isinstance(m, dict) and (model is None or m.get("id") == model) and isinstance(m.get("max_model_len"), int):
+            n = m.get("max_model_len") if isinstance(m, dict) else None
+            if (model is None or m.get("id") == model) and isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 max_len = m["max_model_len"]
                 break
     ok = bool(ids) and (model is None or model in ids)
-    detail = f"models: {', '.join(ids)}" if ids else f"HTTP {status}: {_short(body)}"
+    detail = f"models: {_short(', '.join(ids[:64]), 300)}" if ids else f"HTTP {status}: {_short(body)}"
     if ids and model is not None and model not in ids:
-        detail = f"{model} not served; {detail}"
+        detail = f"{_short(model)} not served; {detail}"
     rep.checks.append(Check("GET /v1/models", ok, detail + (f" (max_model_len {max_len})" if max_len else ""),
                             time.monotonic() - start))
     if not ids:
@@ -221,12 +322,15 @@ def run(url: str, model: str | None = None, long_tokens: int = DEFAULT_LONG_TOKE
             fail(f"not run: the total time limit ({total_timeout:g} s) is spent")
             return None
         try:
-            status, out = _request(base + path, body, budget(), api_key)
+            status, out = _request(origin, path, body, budget(), api_key)
         except Malformed as e:
-            fail(f"malformed response: {e}")
+            fail(f"malformed response: {_short(str(e))}")
             return None
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError, ValueError) as e:
-            fail(f"no answer: {getattr(e, 'reason', e)}")
+        except Timeout as e:
+            fail(f"timed out: {e}")
+            return None
+        except (OSError, ValueError) as e:
+            fail(f"no answer: {_short(str(e))}")
             return None
         if status != 200 or not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
             fail(f"HTTP {status}: {_short(out)}")

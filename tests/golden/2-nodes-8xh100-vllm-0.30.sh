@@ -15,12 +15,13 @@ case "$ROLE" in
   *) echo "usage: $0 head (on the first node) | $0 worker HEAD_IP (on the other 1)" >&2; exit 2 ;;
 esac
 
-MODEL="${MODEL:-/models/DeepSeek-V3.2-REAP-345B-W4A16}"
+[ -n "${MODEL:-}" ] || MODEL=/models/DeepSeek-V3.2-REAP-345B-W4A16
 PYTHON="${PYTHON:-python3}"
 VLLM="${VLLM:-vllm}"
 NEED_GPUS=8
 NEED_MIB=80281
 MIN_VLLM=0.17
+FLAGS_VLLM=0.30.0
 NODES=2
 RAY_PORT="${RAY_PORT:-6379}"
 
@@ -39,7 +40,7 @@ VLLM_VERSION="$("$PYTHON" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)
   || die "cannot import vllm with $PYTHON (pip install vllm, or set PYTHON=/path/to/venv/bin/python)"
 VLLM_VERSION="${VLLM_VERSION%%+*}"
 version_ge "$VLLM_VERSION" "$MIN_VLLM" || die "vLLM $VLLM_VERSION is older than $MIN_VLLM, which these flags need"
-[ "$VLLM_VERSION" = "0.30.0" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for 0.30.0; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2
+[ "$VLLM_VERSION" = "$FLAGS_VLLM" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for $FLAGS_VLLM; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2
 command -v "$VLLM" >/dev/null 2>&1 || die "$VLLM not on PATH (set VLLM=/path/to/venv/bin/vllm)"
 command -v ray >/dev/null 2>&1 || die "ray not on PATH (pip install ray)"
 echo "preflight: ${#MEM_MIB[@]} GPUs, vLLM $VLLM_VERSION: ok" >&2

@@ -9,12 +9,13 @@
 # warning: --cpu-offload-gb 3: 3 GiB of weights per GPU live in host memory (24 GiB of pinned RAM in all) and cross PCIe on every forward pass: expect much lower throughput
 set -euo pipefail
 
-MODEL="${MODEL:-/models/DeepSeek-V3.2-REAP-345B-W4A16}"
+[ -n "${MODEL:-}" ] || MODEL=/models/DeepSeek-V3.2-REAP-345B-W4A16
 PYTHON="${PYTHON:-python3}"
 VLLM="${VLLM:-vllm}"
 NEED_GPUS=8
 NEED_MIB=24084
 MIN_VLLM=0.17
+FLAGS_VLLM=0.26.0
 
 die() { echo "preflight: $*" >&2; exit 1; }
 version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$2" ]; }
@@ -31,7 +32,7 @@ VLLM_VERSION="$("$PYTHON" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)
   || die "cannot import vllm with $PYTHON (pip install vllm, or set PYTHON=/path/to/venv/bin/python)"
 VLLM_VERSION="${VLLM_VERSION%%+*}"
 version_ge "$VLLM_VERSION" "$MIN_VLLM" || die "vLLM $VLLM_VERSION is older than $MIN_VLLM, which these flags need"
-[ "$VLLM_VERSION" = "0.26.0" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for 0.26.0; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2
+[ "$VLLM_VERSION" = "$FLAGS_VLLM" ] || echo "preflight: note: vLLM $VLLM_VERSION installed, flags chosen for $FLAGS_VLLM; regenerate with --vllm-version $VLLM_VERSION if it refuses them" >&2
 command -v "$VLLM" >/dev/null 2>&1 || die "$VLLM not on PATH (set VLLM=/path/to/venv/bin/vllm)"
 echo "preflight: ${#MEM_MIB[@]} GPUs, vLLM $VLLM_VERSION: ok" >&2
 
