@@ -5,6 +5,7 @@ on MTP speculation runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,15 @@ from scripts import gpu_check as gc  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 autoround_fixture = conftest_autoround.autoround_fixture  # the session-cached AutoRound exports
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+
+LOAD_FLOAT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, output_loading_info=True)
+print(json.dumps({k: sorted(map(str, info[k])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+                 | {"state_dict": sorted(model.state_dict())}))
+"""
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe"])
@@ -60,14 +70,17 @@ def test_fixture_build_and_exact_float_reference(autoround_fixture, tmp_path, fa
     assert set(index["weight_map"]) == set(r_t)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in r_t.values())
 
-    # transformers reads it as a plain float model: nothing missing, nothing but an MTP layer left over (unbuilt)
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(built.ref), dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # transformers reads it as a plain float model: nothing missing, nothing but an MTP layer left over (unbuilt).
+    # In a fresh process: auto-round, once imported, patches transformers' MoE classes and weight conversions.
+    r = subprocess.run([sys.executable, "-c", LOAD_FLOAT, str(built.ref)], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
     n = s_cfg["num_hidden_layers"]
-    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])
-    assert not any(k.startswith(f"model.layers.{n}.") for k in model.state_dict())
+    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"]), info
+    assert not any(k.startswith(f"model.layers.{n}.") for k in info["state_dict"])
+    assert any(".mlp.experts." in k for k in info["state_dict"])
 
 
 def test_engines_per_family(autoround_fixture, tmp_path):
