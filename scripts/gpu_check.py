@@ -1,7 +1,8 @@
 """End-to-end GPU check of both serving paths: the 3-bit source served natively, and the converted 4-bit model.
 
-Builds the tiny synthetic checkpoint (``repack.synth``) and converts it. Then, each vLLM engine in its own
-subprocess, through vLLM's Python API:
+Builds the tiny synthetic DeepSeek checkpoint (``repack.synth``), or takes a 3-bit AutoRound export given by
+``--fixture DIR`` (any family in ``FAMILIES``: the tiny ones ``tests/autoround_fixtures.py --gpu`` builds on a CPU
+host), and converts it. Then, each vLLM engine in its own subprocess, through vLLM's Python API:
 
 * the 3-bit source (``w3-*``): vLLM < 0.30 must refuse it (``bits=3 ... not supported``); vLLM >= 0.30 must
   serve it (Humming kernels) and match the float reference;
@@ -9,13 +10,21 @@ subprocess, through vLLM's Python API:
   ``moe_backend="marlin"`` (``w4marlin-*``): both must match the float reference; the MoE kernel must be
   Marlin where vLLM has no other choice (< 0.30, or below sm90) and where Marlin was asked for;
 * the float reference: every quantized module's ``weight`` is the exact float32 dequantization of the 3-bit
-  source (``codec.dequantize``), independent of the converter.
+  source (``codec.dequantize``), independent of the converter;
+* a fixture with an MTP layer (``model.layers.L``: GLM-4.5, DeepSeek-V3 with ``:mtp``): the converted model with
+  MTP speculation (``w4mtp-*``, the family's method, one draft token), strict against the float reference and the
+  run without speculation; the 3-bit source (``w3mtp-*``) and the ``--target native`` output (``nativemtp-*``) with
+  the same speculation, for information.
+
+The attention backend is the family's (``FAMILIES``: TRITON_MLA for DeepSeek MLA, TRITON_ATTN for GQA models).
 
 The kernels each engine logged (MoE backend, linear kernels) are recorded. Prompts: short ones, one longer
 than a prefill chunk (``max_num_batched_tokens`` 256, chunked prefill), the same long prompt again (prefix-cache
 hit) and salted (no hit); greedy tokens and log-probs compared. Needs a CUDA GPU and vLLM importable.
 
     PYTHONPATH=/path/to/vllm/site:$PWD python scripts/gpu_check.py --out OUT [--tp 1,2] [--dtypes float16,bfloat16]
+    PYTHONPATH=/path/to/vllm/site:$PWD python scripts/gpu_check.py --out OUT --fixture FIXTURES/glm4_moe-w3g128
+    python scripts/gpu_check.py --out OUT --fixture DIR --build-only     # CPU part only: conversions and reference
 
 Prints a pass/fail table, writes ``OUT/results.json``, ``OUT/summary.txt`` and ``OUT/engines.log``;
 exits 1 on any failure.
@@ -27,9 +36,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +55,53 @@ MARLIN_LINE = "Using 'MARLIN' WNA16 MoE backend"
 REFUSAL_RE = re.compile(r"NotImplementedError.*bits=3")
 KERNEL_RE = re.compile(r"(Using \S.*(MoE )?backend|Selected \w+ for \w+)")
 NATIVE_FROM = (0, 30)  # the first vLLM release that serves 3-bit auto-round checkpoints (Humming kernels)
+# engines run for information: their failures and differences are reported, never fail the run (the 3-bit source
+# with MTP speculation fails for DeepSeek in vLLM 0.33, docs/validation.md; the native target's MTP run is new)
+INFO_ENGINES = ("w3mtp", "nativemtp")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How this check serves one model family (by ``config.json`` ``model_type``) on a host without FlashInfer/FA2.
+
+    ``mtp_method``: vLLM's speculative method for an MTP layer at ``model.layers.L``. In vLLM 0.33 the family
+    names are deprecated aliases of ``"mtp"`` (``config/speculative.py``), which builds the draft from the target's
+    config (``hf_config_override``: ``Glm4MoeForCausalLM`` -> ``Glm4MoeMTPModel``, ``models/glm4_moe_mtp.py``)."""
+
+    attention_backend: str
+    mtp_method: str | None = None
+
+
+FAMILIES = {
+    "deepseek_v3": Family("TRITON_MLA", "deepseek_mtp"),
+    "glm4_moe": Family("TRITON_ATTN", "glm4_moe_mtp"),
+    "qwen3_moe": Family("TRITON_ATTN"),
+    "qwen2_moe": Family("TRITON_ATTN"),
+    "qwen3_next": Family("TRITON_ATTN"),
+}
+
+
+@dataclass(frozen=True)
+class Built:
+    """The checkpoints of one run: ``native`` (``--target native``) only where the source has an MTP layer."""
+
+    family: str
+    src: Path
+    dst: Path
+    ref: Path
+    native: Path | None
+    mtp_layers: int
+    vocab: int
+    seconds: dict
+
+    def paths(self) -> dict:
+        return {"family": self.family, "src": str(self.src), "dst": str(self.dst), "ref": str(self.ref),
+                "native": str(self.native) if self.native else None, "mtp_layers": self.mtp_layers,
+                "vocab": self.vocab, "seconds": self.seconds}
+
+
+class CheckError(Exception):
+    """Bad input to the check (``--fixture``): one ``error:`` line, exit 2."""
 
 
 def vllm_version() -> tuple[int, ...] | None:
@@ -69,34 +127,88 @@ def kernel_lines(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- checkpoints (CPU only)
 
-def build(work: Path) -> dict:
-    """Write the 3-bit source, the converted 4-bit model and the float reference under ``work``."""
+def build(work: Path, fixture: Path | None = None) -> Built:
+    """Write the 3-bit source (synthetic, or ``fixture`` as it is), the converted 4-bit model and the float
+    reference under ``work``; for a source with an MTP layer also its ``--target native`` output."""
     from repack.convert import convert
+    from repack.errors import UserError
     from repack.plan import Options
-    from repack.synth import TinySpec, write_checkpoint
 
-    src, dst, ref = work / "src3", work / "dst4", work / "ref"
     t0 = time.monotonic()
-    if not (src / "config.json").exists():
-        write_checkpoint(src, TinySpec())
+    if fixture is None:
+        from repack.synth import TinySpec, write_checkpoint
+
+        src = work / "src3"
+        if not (src / "config.json").exists():
+            write_checkpoint(src, TinySpec())
+    else:
+        src = fixture.resolve()
+        work = work / src.name
+    family, vocab, mtp = describe_source(src)
+    dst, ref, native = work / "dst4", work / "ref", (work / "native" if mtp and fixture is not None else None)
     t1 = time.monotonic()
-    if not (dst / "w3repack.json").exists():
-        convert(src, dst, Options())
+    try:
+        if fixture is not None:  # tiny: rebuilt every run, so a reused work folder never holds another fixture's
+            for d in (dst, ref, native):
+                if d is not None and d.exists():
+                    shutil.rmtree(d)
+        if not (dst / "w3repack.json").exists():
+            convert(src, dst, Options())
+        if native is not None:
+            convert(src, native, Options(target="native", kv_b_float=False))
+    except UserError as e:
+        raise CheckError(str(e)) from e
     t2 = time.monotonic()
     if not (ref / "config.json").exists():
         write_reference(src, ref)
     t3 = time.monotonic()
-    return {"src": str(src), "dst": str(dst), "ref": str(ref),
-            "seconds": {"synth": round(t1 - t0, 2), "convert": round(t2 - t1, 2), "reference": round(t3 - t2, 2)}}
+    return Built(family, src, dst, ref, native, mtp, vocab,
+                 {"source": round(t1 - t0, 2), "convert": round(t2 - t1, 2), "reference": round(t3 - t2, 2)})
+
+
+def describe_source(src: Path) -> tuple[str, int, int]:
+    """(family, vocab size, MTP layers that have tensors) of a checkpoint folder; ``CheckError`` if unusable.
+
+    MTP layers count only with tensors: transformers 5 writes ``num_nextn_predict_layers: 1`` into every
+    ``glm4_moe`` config, MTP weights or not."""
+    cfg_path = src / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{cfg_path}: not a readable config ({e.__class__.__name__}: {e})") from e
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise CheckError(f"{cfg_path}: model_type {family!r} has no entry in this check (known: {', '.join(FAMILIES)})")
+    if (cfg.get("quantization_config") or {}).get("bits") != 3:
+        raise CheckError(f"{cfg_path}: not a 3-bit checkpoint (quantization_config bits "
+                         f"{(cfg.get('quantization_config') or {}).get('bits')!r})")
+    n, k = cfg.get("num_hidden_layers"), cfg.get("num_nextn_predict_layers") or 0
+    names = set(_weight_map(src))
+    mtp = sum(any(x.startswith(f"model.layers.{i}.") for x in names) for i in range(n, n + k)) if isinstance(n, int) else 0
+    return family, int(cfg["vocab_size"]), mtp
+
+
+def _weight_map(src: Path) -> dict:
+    """Tensor name -> shard: the index's, or, for a single-file checkpoint, that file's header."""
+    from repack.safetensors_io import read_header
+
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    out = {}
+    for f in sorted(src.glob("*.safetensors")):
+        out.update({name: f.name for name in read_header(f).tensors})
+    return out
 
 
 def write_reference(src: Path, ref: Path) -> None:
-    """Float model of ``src``: each quantized module's ``weight`` is its exact float32 dequantization."""
+    """Float model of ``src`` (sharded or one file): each quantized module's ``weight`` is its exact float32
+    dequantization (4-bit MTP modules included), every other tensor copied; config without quantization_config."""
     from repack import codec
     from repack.safetensors_io import build_header, read_array, read_header, to_float32
 
     ref.mkdir(parents=True, exist_ok=True)
-    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index = {"weight_map": _weight_map(src)}
     shards = sorted(set(index["weight_map"].values()))
     weight_map, total = {}, 0
     for shard in shards:
@@ -132,7 +244,8 @@ def write_reference(src: Path, ref: Path) -> None:
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config", None)
     (ref / "config.json").write_text(json.dumps(cfg, indent=2))
-    (ref / "generation_config.json").write_text((src / "generation_config.json").read_text())
+    if (src / "generation_config.json").exists():
+        (ref / "generation_config.json").write_text((src / "generation_config.json").read_text())
 
 
 def _find(src, index, name, arrays, with_dtype=False):
@@ -171,8 +284,10 @@ def _engine(spec: dict):
     from vllm import LLM
 
     extra = {"moe_backend": spec["moe_backend"]} if spec.get("moe_backend") else {}
+    if spec.get("speculative"):
+        extra["speculative_config"] = dict(spec["speculative"])
     return LLM(model=spec["model"], tensor_parallel_size=spec.get("tp", 1), dtype=spec.get("dtype", "float16"),
-               enforce_eager=True, skip_tokenizer_init=True, attention_backend="TRITON_MLA",
+               enforce_eager=True, skip_tokenizer_init=True, attention_backend=spec.get("attention_backend", "TRITON_MLA"),
                max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
                enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0, **extra)
 
@@ -289,11 +404,12 @@ def write_tokenizer(model: Path, vocab_size: int) -> None:
     (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int) -> dict:
+def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int, backend: str = "TRITON_MLA",
+                    vocab: int = 1024) -> dict:
     """``w3repack launch`` a bash launcher, start it, wait for the server, run ``w3repack smoke``, stop it.
 
     vLLM is reached through ``VLLM=`` (a launcher option) pointing at a wrapper that adds only what this
-    host needs: the TRITON_MLA backend (no FlashInfer), eager mode, a 256-token prefill chunk (so the smoke
+    host needs: the family's Triton attention ``backend`` (no FlashInfer), eager mode, a 256-token prefill chunk (so the smoke
     test's long prompt spans several chunks on a GPU whose default chunk is larger) and the port.
     """
     import signal
@@ -309,7 +425,7 @@ def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int)
     rec["script"] = script.read_text()
     wrapper = work / "vllm-wrapper.sh"
     wrapper.write_text("#!/usr/bin/env bash\n"
-                       f'exec "${{PYTHON:-python3}}" -m vllm.entrypoints.cli.main "$@" --attention-backend TRITON_MLA '
+                       f'exec "${{PYTHON:-python3}}" -m vllm.entrypoints.cli.main "$@" --attention-backend {backend} '
                        f"--enforce-eager --max-num-batched-tokens {CHUNK} --port {port}\n")
     wrapper.chmod(0o755)
     log = work / "logs" / f"serve-{gpus}.log"
@@ -339,7 +455,7 @@ def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int)
                 rec["smoke"] = json.loads(sm.stdout)
             except json.JSONDecodeError:
                 rec["smoke_output"] = (sm.stdout + sm.stderr)[-1500:]
-            rec["greedy"] = server_greedy(url, prompts())
+            rec["greedy"] = server_greedy(url, prompts(vocab))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -457,6 +573,12 @@ def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -
         r = engines[name]
         ok = r.get("rc") == 0 and "results" in r
         kernels = "; ".join(r.get("kernel_lines", [])) or "none logged"
+        if name.startswith(INFO_ENGINES):
+            method = (r.get("speculative") or {}).get("method")
+            rows.append({"check": f"{name} serves (information)", "pass": True, "status": "INFO",
+                         "detail": (f"{method} speculation: load {r.get('info', {}).get('load_seconds')} s" if ok
+                                    else f"{method} speculation fails: rc={r.get('rc')} | {r.get('log_tail', '')}")[:300]})
+            continue
         if name.startswith("w3") and not expect["native_served"]:
             row(f"{name}: this vLLM refuses the 3-bit source", not ok and bool(r.get("refusal_line")),
                 (r.get("refusal_line") or f"rc={r.get('rc')} | {r.get('log_tail', '')}")[:220])
@@ -477,8 +599,9 @@ def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -
         if "results" not in r:
             continue
         dtype, res = name.rsplit("-", 1)[1], r["results"]
-        hard, tol = dtype in strict, TOL[dtype]
-        if name.startswith(("w3", "w4")):
+        info = name.startswith(INFO_ENGINES)
+        hard, tol = dtype in strict and not info, TOL[dtype]
+        if name.startswith(("w3", "w4", "native")):
             ref = engines.get(f"ref-{dtype}", {}).get("results")
             if ref:
                 for p in res:
@@ -487,6 +610,8 @@ def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -
             tp = int(name.split("-")[1][2:])
             base = None if not name.startswith("w4-") else next((engines[n]["results"] for n in names if n.startswith("w4-tp") and n.endswith(dtype)
                          and int(n.split("-")[1][2:]) < tp and "results" in engines[n]), None)
+            if name.startswith("w4mtp"):  # speculation must not change the greedy tokens of the same model
+                base = engines.get(f"w4-tp1-{dtype}", {}).get("results")
             if base:  # a run of either counts: the float reference itself takes both branches at a near tie
                 for p in res:
                     cands = {f"tp1 {m}": base[m] for m in same[p] if m in base}
@@ -494,10 +619,10 @@ def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -
                     c = judge(res[p], cands, tol)
                     row(f"{name} vs w4-tp1-{dtype} (or float ref): {p}", c["verdict"] != "mismatch", describe(c, tol), hard)
             hit = res["long_700_cached"]["num_cached_tokens"]
-            row(f"{name} prefix-cache hit on the repeated long prompt", bool(hit), f"num_cached_tokens={hit}")
+            row(f"{name} prefix-cache hit on the repeated long prompt", bool(hit), f"num_cached_tokens={hit}", not info)
             if "long_700_salted" in res:
                 salted = res["long_700_salted"]["num_cached_tokens"]
-                row(f"{name} no hit with a cache salt", not salted, f"num_cached_tokens={salted}")
+                row(f"{name} no hit with a cache salt", not salted, f"num_cached_tokens={salted}", not info)
         for p in ("long_700_cached", "long_700_salted"):  # batch/cache invariance of one engine: information
             if p in res:
                 c = compare(res[p], res["long_700"], tol)
@@ -547,16 +672,34 @@ def main() -> int:
     ap.add_argument("--from-results", type=Path, help="re-judge a results.json of an earlier run (no GPU)")
     ap.add_argument("--serve-gpus", default="", help="also launch + smoke the converted model at these GPU counts, e.g. 1")
     ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--fixture", type=Path, help="a 3-bit AutoRound export folder (tests/autoround_fixtures.py --gpu) "
+                    f"instead of the synthetic model; families: {', '.join(FAMILIES)}")
+    ap.add_argument("--mtp-method", default=None, help="speculative method for a fixture's MTP layer "
+                    "(default: the family's; vLLM 0.33 also takes 'mtp')")
+    ap.add_argument("--build-only", action="store_true", help="write the checkpoints and the reference, run no engine")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     strict = set(args.strict.split(","))
-    pr = prompts()
     if args.from_results:
         report = json.loads(args.from_results.read_text())
+        pr = prompts(report.get("paths", {}).get("vocab") or 1024)
         _backfill(report["engines"], args.from_results.parent / "engines.log")
     else:
-        report = run_engines(args, out, pr)
+        if args.fixture is not None and not args.fixture.is_dir():
+            print(f"error: --fixture {args.fixture}: no such folder", file=sys.stderr)
+            return 2
+        try:
+            built = build(args.work or out.parent / "gpu_check_work", args.fixture)
+        except CheckError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"built {built.family} in {built.dst.parent}: {built.seconds}", flush=True)
+        if args.build_only:
+            (out / "results.json").write_text(json.dumps({"paths": built.paths(), "engines": {}}, indent=1) + "\n")
+            return 0
+        pr = prompts(built.vocab)
+        report = run_engines(args, out, pr, built)
     engines = report["engines"]
     info = next((e["info"] for e in engines.values() if isinstance(e, dict) and "info" in e), {})
     version = tuple(report.get("vllm_release") or vllm_version() or ())
@@ -592,27 +735,41 @@ def _backfill(engines: dict, log: Path) -> None:
                     (ln.strip() for ln in text.splitlines() if "NotImplementedError" in ln and "bits=3" in ln), ""))
 
 
-def run_engines(args, out: Path, pr: dict) -> dict:
-    """Build the checkpoints, run every engine in its own process, keep their records and log tails."""
-    work = args.work or out.parent / "gpu_check_work"
+def engine_jobs(built: Built, dtypes: list[str], tps: list[int], max_tokens: int, pr: dict, native: bool,
+                skip_native: bool = False, mtp_method: str | None = None) -> list[tuple[str, str, dict]]:
+    """(name, mode, spec) of every engine, in run order. MTP runs (one draft token) only for a fixture with an
+    MTP layer (``built.native`` set) and a family with a method; the 3-bit and native ones only from vLLM 0.30."""
+    fam = FAMILIES[built.family]
+    method = mtp_method or fam.mtp_method
+    mtp = {"method": method, "num_speculative_tokens": 1} if built.native is not None and method else None
+    jobs = []
+    for dtype in dtypes:
+        spec = {"dtype": dtype, "max_tokens": max_tokens, "prompts": pr, "attention_backend": fam.attention_backend}
+        jobs.append((f"ref-{dtype}", "generate", dict(spec, model=str(built.ref), tp=1)))
+        if not skip_native:
+            jobs.append((f"w3-tp1-{dtype}", "generate", dict(spec, model=str(built.src), tp=1)))
+        jobs += [(f"w4-tp{t}-{dtype}", "generate", dict(spec, model=str(built.dst), tp=t)) for t in tps]
+        if native:  # vLLM picks its own MoE backend for 4-bit from 0.30 on: Marlin too, when asked for
+            jobs.append((f"w4marlin-tp1-{dtype}", "generate", dict(spec, model=str(built.dst), tp=1, moe_backend="marlin")))
+        if mtp:
+            jobs.append((f"w4mtp-tp1-{dtype}", "generate", dict(spec, model=str(built.dst), tp=1, speculative=mtp)))
+            if native and not skip_native:
+                jobs.append((f"w3mtp-tp1-{dtype}", "generate", dict(spec, model=str(built.src), tp=1, speculative=mtp)))
+                jobs.append((f"nativemtp-tp1-{dtype}", "generate", dict(spec, model=str(built.native), tp=1, speculative=mtp)))
+    return jobs
+
+
+def run_engines(args, out: Path, pr: dict, built: Built) -> dict:
+    """Run every engine of ``built`` in its own process, keep their records and log tails (``logs`` beside them)."""
+    work = built.dst.parent
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    paths = build(work)
-    print(f"built in {work}: {paths['seconds']}", flush=True)
     dtypes, tps = [d for d in args.dtypes.split(",") if d], [int(x) for x in args.tp.split(",")]
     version = vllm_version()
     native = version is not None and tuple(version[:2]) >= NATIVE_FROM
-    jobs = []
-    for dtype in dtypes:
-        spec = {"dtype": dtype, "max_tokens": args.max_tokens, "prompts": pr}
-        jobs.append((f"ref-{dtype}", "generate", dict(spec, model=paths["ref"], tp=1)))
-        if not args.skip_native:
-            jobs.append((f"w3-tp1-{dtype}", "generate", dict(spec, model=paths["src"], tp=1)))
-        jobs += [(f"w4-tp{t}-{dtype}", "generate", dict(spec, model=paths["dst"], tp=t)) for t in tps]
-        if native:  # vLLM picks its own MoE backend for 4-bit from 0.30 on: Marlin too, when asked for
-            jobs.append((f"w4marlin-tp1-{dtype}", "generate", dict(spec, model=paths["dst"], tp=1, moe_backend="marlin")))
+    jobs = engine_jobs(built, dtypes, tps, args.max_tokens, pr, native, args.skip_native, args.mtp_method)
     engines: dict = {}
-    report = {"paths": paths, "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines,
+    report = {"paths": built.paths(), "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines,
               "vllm_release": list(version) if version else None}
     with open(out / "engines.log", "w") as elog:
         for name, mode, spec in jobs:
@@ -622,6 +779,8 @@ def run_engines(args, out: Path, pr: dict) -> dict:
             r["kernel_lines"] = kernel_lines(text)
             r["log_tail"] = " / ".join(text.strip().splitlines()[-3:])[-300:]
             r["refusal_line"] = next((ln.strip()[:300] for ln in text.splitlines() if REFUSAL_RE.search(ln)), "")
+            if spec.get("speculative"):
+                r["speculative"] = spec["speculative"]
             engines[name] = r
             print(f"{name}: rc={r['rc']} {r['seconds']} s; {'; '.join(r['kernel_lines'])[:200]}", flush=True)
             tail = text.splitlines()[-300:]
@@ -629,11 +788,11 @@ def run_engines(args, out: Path, pr: dict) -> dict:
             elog.flush()
             (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")  # partial, until the end
         for n in [int(x) for x in args.serve_gpus.split(",") if x]:
-            from repack.synth import TinySpec
-
-            if not (Path(paths["dst"]) / "tokenizer.json").exists():
-                write_tokenizer(Path(paths["dst"]), TinySpec().vocab)
-            sv = serve_and_smoke(Path(paths["dst"]), n, work, args.port + n, args.timeout)
+            # the smoke test's words as tokens (a fixture's own word-level tokenizer has none of them)
+            if args.fixture is not None or not (built.dst / "tokenizer.json").exists():
+                write_tokenizer(built.dst, built.vocab)
+            sv = serve_and_smoke(built.dst, n, work, args.port + n, args.timeout,
+                                 FAMILIES[built.family].attention_backend, built.vocab)
             tail = sv.pop("log_tail", "")
             sv["log_tail"] = "\n".join(tail.splitlines()[-3:])
             engines.setdefault("serve", {})[f"serve-{n}gpu"] = sv

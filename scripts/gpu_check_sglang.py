@@ -173,7 +173,7 @@ def main() -> int:
 
     work = args.work or out.parent / "gpu_check_sglang_work"
     work.mkdir(parents=True, exist_ok=True)
-    paths = build(work)
+    paths = build(work).paths()
     for key in ("dst", "ref"):
         if not (Path(paths[key]) / "tokenizer.json").exists():
             write_tokenizer(Path(paths[key]), TinySpec().vocab)

@@ -18,8 +18,9 @@ Public helpers
 ``load_model(model_dir, dtype)`` / ``load_logits(model_dir, dtype, input_ids)``
                                                 transformers + auto-round load on CPU, logits.
 
-The CLI (``python tests/autoround_fixtures.py OUT_ROOT [family:group_size ...]``) builds fixtures in a
-fresh process; the pytest plugin ``tests/conftest_autoround.py`` uses it.
+The CLI (``python tests/autoround_fixtures.py OUT_ROOT [family:group_size[:mtp] ...] [--gpu]``) builds fixtures
+in a fresh process (``--gpu``: the set ``scripts/gpu_check.py --fixture`` takes, to be copied to a GPU host that
+has no auto-round); the pytest plugin ``tests/conftest_autoround.py`` uses ``build_fixture``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2_moe")
+FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2_moe", "glm4_moe", "qwen3_next")
 GROUP_SIZES = (128, 32)
 # (family, group_size) pairs the interop tests use by default.
 DEFAULT_SPECS = (
@@ -42,7 +43,20 @@ DEFAULT_SPECS = (
     ("qwen3_moe", 128),
     ("qwen3_moe", 32),
     ("qwen2_moe", 32),
+    ("glm4_moe", 128),
+    ("glm4_moe", 32),
+    ("qwen3_next", 128),
+    ("qwen3_next", 32),
 )
+# Families whose checkpoints place MTP layers at ``model.layers.L`` (``L = num_hidden_layers``,
+# ``num_nextn_predict_layers`` of them, DeepSeek-V3 names: eh_proj, enorm, hnorm, shared_head, embed_tokens).
+MTP_FAMILIES = ("deepseek_v3", "glm4_moe")
+# ... and those built with one by default: every GLM-4.5/4.6/4.7 checkpoint carries one (layer 92, or 46 for Air).
+MTP_BY_DEFAULT = ("glm4_moe",)
+# The fixtures for scripts/gpu_check.py --fixture (one per family vLLM serves, group size 128).
+GPU_SPECS = (("deepseek_v3", 128), ("glm4_moe", 128), ("qwen3_moe", 128), ("qwen3_next", 128))
+# max_position_embeddings of every family: the bound of vLLM's max_model_len (the GPU check asks for 2048).
+MAX_POSITIONS = 4096
 VOCAB_SIZE = 512
 # Versions the fixtures were validated with; the cache key includes the installed ones.
 PINNED = {"torch": "2.13.0", "auto-round": "0.16.1", "transformers": "5.23.0"}
@@ -68,7 +82,14 @@ def _offline_env() -> None:
 
 
 def make_config(family: str):
-    """A tiny config.  Every quantized in_features (128, 256, 512) is a multiple of 128 and 32."""
+    """A tiny config.  Every quantized in_features (128, 256, 512) is a multiple of 128 and 32.
+
+    glm4_moe is GLM-4.5-shaped: GQA with q/k/v bias and q/k norm, half-rotary heads (``partial_rotary_factor`` 0.5),
+    one dense layer (``first_k_dense_replace``), a shared expert, a sigmoid router with ``e_score_correction_bias``
+    and ``num_nextn_predict_layers: 1``.  qwen3_next is a hybrid: a Gated DeltaNet (linear attention) layer, then a
+    gated full-attention layer, both with routed experts and a gated shared expert; every linear-attention
+    projection, ``in_proj_ba`` included (32 outputs), is wide enough for AutoRound to quantize it.
+    """
     _offline_env()
     if family == "deepseek_v3":
         from transformers import DeepseekV3Config
@@ -93,7 +114,7 @@ def make_config(family: str):
             qk_rope_head_dim=32,
             qk_nope_head_dim=64,
             v_head_dim=64,
-            max_position_embeddings=256,
+            max_position_embeddings=MAX_POSITIONS,
             tie_word_embeddings=False,
             bos_token_id=0,
             eos_token_id=1,
@@ -114,7 +135,7 @@ def make_config(family: str):
             num_experts=8,
             num_experts_per_tok=2,
             norm_topk_prob=True,
-            max_position_embeddings=256,
+            max_position_embeddings=MAX_POSITIONS,
             tie_word_embeddings=False,
             bos_token_id=0,
             eos_token_id=1,
@@ -133,7 +154,63 @@ def make_config(family: str):
             num_key_value_heads=2,
             num_experts=4,
             num_experts_per_tok=2,
-            max_position_embeddings=256,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    if family == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=256,
+            intermediate_size=512,  # dense MLP of the first `first_k_dense_replace` layers
+            moe_intermediate_size=128,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            attention_bias=True,
+            use_qk_norm=True,
+            partial_rotary_factor=0.5,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    if family == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        return Qwen3NextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=128,
+            num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            linear_num_key_heads=2,
+            linear_num_value_heads=16,
+            linear_key_head_dim=64,
+            linear_value_head_dim=32,
+            linear_conv_kernel_dim=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            max_position_embeddings=MAX_POSITIONS,
             tie_word_embeddings=False,
             bos_token_id=0,
             eos_token_id=1,
@@ -205,7 +282,7 @@ def build_fixture(
     opt_rtn: bool = False,
     layer_config: dict | None = None,
     quant_lm_head: bool = False,
-    mtp: bool = False,
+    mtp: bool | None = None,
 ) -> Path:
     """Quantize a tiny random ``family`` model with AutoRound RTN into ``out_dir``; returns ``out_dir``.
 
@@ -214,13 +291,19 @@ def build_fixture(
     ``opt_rtn=False`` passes ``disable_opt_rtn=True`` (plain RTN; 0.16.1 otherwise turns on its
     "optimized RTN" scale search for the non-MoE blocks).  ``layer_config`` is AutoRound's per-layer
     override dict (e.g. ``{"model.layers.0.mlp.down_proj": {"bits": 4}}`` for a mixed-width export).
-    ``mtp=True`` (deepseek_v3): the float model is saved with a DeepSeek-V3 MTP layer (``model.layers.L.*``,
-    ``num_nextn_predict_layers: 1``) and AutoRound quantizes it from that folder; transformers does not load the
-    MTP layer, and AutoRound copies it from the source folder and quantizes it by RTN at its own width.
+    ``mtp=True`` (``MTP_FAMILIES``; ``None``: the family's default, on for glm4_moe): the float model is saved with
+    an MTP layer (``model.layers.L.*``, ``num_nextn_predict_layers: 1``) and AutoRound quantizes it from that
+    folder; transformers does not load the MTP layer, and AutoRound copies it from the source folder into
+    ``model_extra_tensors.safetensors`` and quantizes it by RTN at 4 bits (3 is "unsupported" there).
     """
     _offline_env()
     import torch
     from auto_round import AutoRound
+
+    if mtp is None:
+        mtp = family in MTP_BY_DEFAULT
+    if mtp and family not in MTP_FAMILIES:
+        raise ValueError(f"{family}: no MTP layer of the model.layers.L kind; families with one: {MTP_FAMILIES}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +352,8 @@ def build_fixture(
 
 def _save_with_mtp(model, tokenizer, folder: Path, seed: int) -> Path:
     """``model`` saved to ``folder`` plus MTP layer ``L = num_hidden_layers``: a perturbed copy of the last layer,
-    ``eh_proj``, ``enorm``, ``hnorm``, ``shared_head.{norm,head}`` and ``embed_tokens`` (DeepSeek-V3's names)."""
+    ``eh_proj``, ``enorm``, ``hnorm``, ``shared_head.{norm,head}`` and ``embed_tokens`` (DeepSeek-V3's names, which
+    GLM-4.5's layer 92 uses too)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -526,23 +610,54 @@ def installed_versions() -> dict:
     return out
 
 
-def spec_dirname(family: str, group_size: int) -> str:
-    return f"{family}-w3g{group_size}"
+def spec_dirname(family: str, group_size: int, mtp: bool | None = None) -> str:
+    """``<family>-w3g<gs>``, with ``-mtp`` / ``-nomtp`` where ``mtp`` is not the family's default."""
+    tail = "" if mtp is None or mtp == (family in MTP_BY_DEFAULT) else ("-mtp" if mtp else "-nomtp")
+    return f"{family}-w3g{group_size}{tail}"
+
+
+def parse_spec(text: str) -> tuple[str, int, bool | None]:
+    """``family:group_size[:mtp|:nomtp]`` -> (family, group_size, mtp or None for the family's default)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in FAMILIES or not parts[1].isdigit() \
+            or int(parts[1]) not in GROUP_SIZES or (len(parts) == 3 and parts[2] not in ("mtp", "nomtp")):
+        raise ValueError(f"{text!r}: expected family:group_size[:mtp|:nomtp], family one of {', '.join(FAMILIES)}, "
+                         f"group size one of {', '.join(map(str, GROUP_SIZES))}")
+    mtp = None if len(parts) == 2 else parts[2] == "mtp"
+    if mtp and parts[0] not in MTP_FAMILIES:
+        raise ValueError(f"{text!r}: {parts[0]} has no MTP layer of the model.layers.L kind ({', '.join(MTP_FAMILIES)} do)")
+    return parts[0], int(parts[1]), mtp
 
 
 def main(argv=None) -> int:
+    """Build fixtures into OUT_ROOT and list them in OUT_ROOT/fixtures.json (family, group size, MTP, versions)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out_root", help="each fixture goes to OUT_ROOT/<family>-w3g<group_size>")
-    ap.add_argument("specs", nargs="*", help="family:group_size (default: the interop test set)")
+    ap.add_argument("out_root", help="each fixture goes to OUT_ROOT/<family>-w3g<group_size>[-mtp]")
+    ap.add_argument("specs", nargs="*", help="family:group_size[:mtp|:nomtp] (default: the interop test set)")
+    ap.add_argument("--gpu", action="store_true", help="the set scripts/gpu_check.py --fixture takes: "
+                    + " ".join(f"{f}:{g}" for f, g in GPU_SPECS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    specs = [(s.split(":")[0], int(s.split(":")[1])) for s in args.specs] or list(DEFAULT_SPECS)
+    try:
+        specs = [parse_spec(s) for s in args.specs]
+    except ValueError as e:
+        ap.error(str(e))
+    if args.gpu:
+        specs += [(f, g, None) for f, g in GPU_SPECS]
+    specs = specs or [(f, g, None) for f, g in DEFAULT_SPECS]
     root = Path(args.out_root)
-    for family, gs in specs:
+    manifest = root / "fixtures.json"
+    listed = json.loads(manifest.read_text()) if manifest.exists() else {"fixtures": {}}
+    for family, gs, mtp in specs:
         t0 = time.perf_counter()
-        d = build_fixture(family, gs, root / spec_dirname(family, gs), seed=args.seed)
+        name = spec_dirname(family, gs, mtp)
+        d = build_fixture(family, gs, root / name, seed=args.seed, mtp=mtp)
+        listed["fixtures"][name] = {"family": family, "group_size": gs, "seed": args.seed,
+                                    "mtp": family in MTP_BY_DEFAULT if mtp is None else mtp}
+        listed["versions"] = installed_versions()
+        manifest.write_text(json.dumps(listed, indent=1, sort_keys=True) + "\n")
         print(f"built {d} in {time.perf_counter() - t0:.2f}s", flush=True)
     return 0
 

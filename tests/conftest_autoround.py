@@ -73,7 +73,7 @@ def _fixture_key(family: str, group_size: int, build_kwargs: dict) -> str:
     import autoround_fixtures as arf
 
     blob = json.dumps(
-        {"family": family, "gs": group_size, "kw": build_kwargs, "v": arf.installed_versions(), "rev": 1},
+        {"family": family, "gs": group_size, "kw": build_kwargs, "v": arf.installed_versions(), "rev": 2},
         sort_keys=True,
         default=str,
     )

@@ -1,7 +1,8 @@
 """Third-party checks of the 3-bit -> 4-bit conversion against AutoRound itself.
 
 Fixtures are real AutoRound 0.16.1 exports (RTN, 3-bit symmetric, ``auto_round:auto_gptq``) of tiny
-random DeepSeek-V3, Qwen3-MoE and Qwen2-MoE models (tests/autoround_fixtures.py).
+random DeepSeek-V3, Qwen3-MoE, Qwen2-MoE, GLM-4.5-MoE (with its MTP layer, which AutoRound exports at 4 bits)
+and Qwen3-Next (linear-attention hybrid) models (tests/autoround_fixtures.py).
 
 * Fixture layout: what AutoRound writes (documents the input format; needs no converter).
 * Weight level: for every quantized module, the dense weight AutoRound's own QuantLinear
@@ -11,6 +12,9 @@ random DeepSeek-V3, Qwen3-MoE and Qwen2-MoE models (tests/autoround_fixtures.py)
   bitwise equal, in float16 and float32.
 * DeepSeek ``kv_b_proj`` emitted as float (default): the difference from the source is derived exactly
   (see ``test_logits_deepseek_kv_b_float``).
+* MTP layers (DeepSeek-V3, GLM-4.5): the 4-bit modules pass through, ``eh_proj`` / ``embed_tokens`` /
+  ``shared_head.head`` are emitted as their exact float32 dequantization (transformers does not load the layer,
+  so only the weight-level checks see it).
 * A deliberately wrong conversion (q4 = q3 + 3) is detected by both checks.
 
 The converter is run as ``python -m repack convert SRC DST [...]``, the way users run it.
@@ -37,6 +41,9 @@ from conftest_autoround import autoround_converted, autoround_fixture  # noqa: E
 
 SPECS = list(arf.DEFAULT_SPECS)
 DEEPSEEK_SPECS = [s for s in SPECS if s[0] == "deepseek_v3"]
+# modules of an MTP layer that vLLM's deepseek_mtp / glm4_moe_mtp build unquantized (plain nn.Linear eh_proj, an
+# embedding without quant_config, and the head, which w3repack emits as float in both config styles)
+MTP_FLOAT_PARTS = ("eh_proj", "embed_tokens", "shared_head.head")
 METHODS = ("auto-round", "gptq")
 DTYPES = (torch.float16, torch.float32)
 GPTQ_SYM4_ZEROS = 0x77777777  # eight stored zero points of 7 (true zero 8)
@@ -91,14 +98,25 @@ def source_logits(src: Path, dtype, ids):
     return _SOURCE_LOGITS[key]
 
 
+def mtp_prefixes(model_dir: Path) -> tuple[str, ...]:
+    """``model.layers.L.`` of each MTP layer the config declares (``num_hidden_layers`` on)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    n, k = cfg["num_hidden_layers"], cfg.get("num_nextn_predict_layers") or 0
+    return tuple(f"model.layers.{i}." for i in range(n, n + k))
+
+
 def convert(autoround_fixture, autoround_converted, spec, **options):
     src = autoround_fixture(*spec)
     return src, autoround_converted(src, **options)
 
 
 def check_weights(src: Path, out: Path, *, method: str, kv_b_float: bool) -> dict:
-    """All weight-level checks; returns {"quantized": n, "float": [module names]}."""
+    """All weight-level checks; returns {"quantized": n, "float": [module names]}.
+
+    Source modules are 3-bit, except in MTP layers (4-bit, as AutoRound exports them); float in the output: DeepSeek
+    ``kv_b_proj`` when ``kv_b_float``, and an MTP layer's ``MTP_FLOAT_PARTS``."""
     s_t, o_t = arf.read_checkpoint(src), arf.read_checkpoint(out)
+    mtp = mtp_prefixes(src)
     s_mods, o_mods = arf.quantized_modules(s_t), arf.quantized_modules(o_t)
     o_qc = arf.read_quant_config(out)
 
@@ -121,17 +139,20 @@ def check_weights(src: Path, out: Path, *, method: str, kv_b_float: bool) -> dic
 
     float_mods = []
     for m, sd in s_mods.items():
+        in_mtp = m.startswith(mtp)
         bits_s = arf.module_bits(sd)
-        assert bits_s == 3, (m, bits_s)
+        assert bits_s == (4 if in_mtp else 3), (m, bits_s)
         gs = arf.module_group_size(sd)
-        ref16 = arf.autoround_dequant(sd["qweight"], sd["qzeros"], sd["scales"], 3, gs)
-        ref32 = arf.autoround_dequant(sd["qweight"], sd["qzeros"], sd["scales"], 3, gs, exact=True)
+        ref16 = arf.autoround_dequant(sd["qweight"], sd["qzeros"], sd["scales"], bits_s, gs)
+        ref32 = arf.autoround_dequant(sd["qweight"], sd["qzeros"], sd["scales"], bits_s, gs, exact=True)
         if m in o_mods:
             od = o_mods[m]
             assert f"{m}.weight" not in o_t, f"{m}: both packed and float weights"
             assert arf.module_bits(od) == 4, (m, tuple(od["qzeros"].shape), tuple(od["scales"].shape))
-            k = sd["qweight"].shape[0] * 32 // 3
+            k = sd["qweight"].shape[0] * 32 // bits_s
             assert tuple(od["qweight"].shape) == (k // 8, sd["qweight"].shape[1]), m
+            if bits_s == 4:
+                assert_bitwise_equal(od["qweight"], sd["qweight"], f"{m}.qweight (4-bit, passed through)")
             assert od["qweight"].dtype == torch.int32 and od["qzeros"].dtype == torch.int32, m
             assert bool((od["qzeros"] == GPTQ_SYM4_ZEROS).all()), f"{m}: qzeros are not all 0x77777777"
             assert_bitwise_equal(od["scales"], sd["scales"], f"{m}.scales")
@@ -146,10 +167,11 @@ def check_weights(src: Path, out: Path, *, method: str, kv_b_float: bool) -> dic
             assert_bitwise_equal(out16, ref16, f"{m}: AutoRound dequant (fp16 path), 4-bit output vs 3-bit source")
             assert_bitwise_equal(out32, ref32, f"{m}: AutoRound dequant (exact fp32), 4-bit output vs 3-bit source")
         else:
-            # emitted as float: only DeepSeek kv_b_proj, and only when asked for
+            # emitted as float: DeepSeek kv_b_proj when asked for, and the MTP parts vLLM builds unquantized
             w = o_t.get(f"{m}.weight")
             assert w is not None, f"{m}: neither packed nor float in the output"
-            assert kv_b_float and m.endswith("kv_b_proj"), f"{m} was unexpectedly emitted as float"
+            mtp_part = in_mtp and m.split(".", 3)[3] in MTP_FLOAT_PARTS
+            assert (kv_b_float and m.endswith("kv_b_proj")) or mtp_part, f"{m} was unexpectedly emitted as float"
             assert w.dtype == torch.float32, f"{m}.weight is {w.dtype}, expected float32"
             # exactly dequantized: scales (fp16, upcast) * (q - 4), no rounding at all ...
             assert_bitwise_equal(w, ref32, f"{m}.weight vs exact dequant")
@@ -178,9 +200,17 @@ def test_fixture_is_autoround_3bit(autoround_fixture, spec):
     assert qc["packing_format"] == "auto_round:auto_gptq"
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["data_type"]) == (3, gs, True, "int")
     assert qc["autoround_version"] == "0.16.1"
-    assert json.loads((d / "quantization_config.json").read_text()) == qc
     t = arf.read_checkpoint(d)
-    mods = arf.quantized_modules(t)
+    mtp = mtp_prefixes(d) if family in arf.MTP_BY_DEFAULT else ()
+    qc_file = json.loads((d / "quantization_config.json").read_text())
+    if mtp:
+        # AutoRound updates only config.json's copy after adding the MTP layer (the converter reads that one)
+        (p,) = mtp
+        assert qc["extra_config"].pop(f"{p}mlp.gate") == {"bits": 16, "data_type": "fp"}
+        assert (qc["block_name_to_quantize"], qc_file["block_name_to_quantize"]) == (["model.layers"], "model.layers")
+        qc["block_name_to_quantize"] = "model.layers"
+    assert qc_file == qc
+    mods = {m: md for m, md in arf.quantized_modules(t).items() if not (mtp and m.startswith(mtp))}
     assert mods
     for m, md in mods.items():
         assert arf.module_bits(md) == 3 and arf.module_group_size(md) == gs, m
@@ -198,6 +228,30 @@ def test_fixture_is_autoround_3bit(autoround_fixture, spec):
     if family == "qwen2_moe":
         assert "model.layers.0.mlp.shared_expert_gate.weight" in t
         assert any("bias" in md for md in mods.values()), "q/k/v biases ride along as fp16 .bias"
+    if family == "glm4_moe":
+        # GLM-4.5 layout: a dense first layer, q/k/v bias and q/k norm, shared expert, sigmoid router with bias
+        assert {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.down_proj",
+                "model.layers.2.mlp.experts.7.up_proj"} <= set(mods)
+        assert not any(m.startswith("model.layers.0.mlp.experts") for m in mods)
+        assert all("bias" in mods[f"model.layers.1.self_attn.{x}_proj"] for x in "qkv")
+        assert "bias" not in mods["model.layers.1.self_attn.o_proj"]
+        assert {"model.layers.1.self_attn.q_norm.weight", "model.layers.2.mlp.gate.e_score_correction_bias"} <= set(t)
+        # the MTP layer, which transformers does not load: AutoRound copies it into its own file, at 4 bits
+        (p,) = mtp
+        layer = {m: md for m, md in arf.quantized_modules(t).items() if m.startswith(p)}
+        assert {arf.module_bits(md) for md in layer.values()} == {4}
+        assert {p + x for x in MTP_FLOAT_PARTS} | {p + "mlp.experts.0.down_proj", p + "self_attn.q_proj"} <= set(layer)
+        assert {p + "enorm.weight", p + "hnorm.weight", p + "shared_head.norm.weight", p + "mlp.gate.weight"} <= set(t)
+        wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        assert {f for n, f in wm.items() if n.startswith(p)} == {"model_extra_tensors.safetensors"}
+    if family == "qwen3_next":
+        # one Gated DeltaNet layer (every projection quantized, the recurrence parameters float), one gated attention
+        assert {"model.layers.0.linear_attn.in_proj_qkvz", "model.layers.0.linear_attn.in_proj_ba",
+                "model.layers.0.linear_attn.out_proj", "model.layers.1.self_attn.q_proj"} <= set(mods)
+        assert not any(m.startswith("model.layers.1.linear_attn") or m.startswith("model.layers.0.self_attn") for m in mods)
+        assert {"model.layers.0.linear_attn.A_log", "model.layers.0.linear_attn.dt_bias",
+                "model.layers.0.linear_attn.conv1d.weight", "model.layers.0.mlp.shared_expert_gate.weight"} <= set(t)
+        assert t["model.layers.0.linear_attn.conv1d.weight"].dim() == 3
 
 
 def test_autoround_dequant_is_quantlinear_forward(autoround_fixture):
@@ -222,9 +276,11 @@ def test_autoround_dequant_is_quantlinear_forward(autoround_fixture):
 def test_weights_bit_exact(autoround_fixture, autoround_converted, spec, method):
     src, out = convert(autoround_fixture, autoround_converted, spec, quant_method=method)
     res = check_weights(src, out, method=method, kv_b_float=True)
+    n_layers = arf.make_config(spec[0]).num_hidden_layers
     if spec[0] == "deepseek_v3":
-        n_layers = arf.make_config("deepseek_v3").num_hidden_layers
         assert sorted(res["float"]) == [f"model.layers.{i}.self_attn.kv_b_proj" for i in range(n_layers)]
+    elif spec[0] == "glm4_moe":
+        assert sorted(res["float"]) == sorted(f"model.layers.{n_layers}.{x}" for x in MTP_FLOAT_PARTS)
     else:
         assert res["float"] == []
 
@@ -370,17 +426,20 @@ def test_wrong_conversion_is_detected(autoround_fixture, autoround_converted, tm
 # ---------------------------------------------------------------- DeepSeek MTP layer, as AutoRound exports it
 
 
-def test_autoround_mtp_layer_is_4bit_and_converts_to_what_vllm_loads(autoround_fixture, tmp_path):
+@pytest.mark.parametrize("family,build", [("deepseek_v3", {"mtp": True}), ("glm4_moe", {})], ids=["deepseek_v3", "glm4_moe"])
+def test_autoround_mtp_layer_is_4bit_and_converts_to_what_vllm_loads(autoround_fixture, tmp_path, family, build):
     """AutoRound 0.16.1 copies the MTP layer (which transformers does not load) from the source folder and
     quantizes every 2-D weight in it by RTN at 4 bits under ``bits: 3`` (3 is "unsupported" there), including
-    ``eh_proj``, ``embed_tokens`` and ``shared_head.head``; the router stays float."""
+    ``eh_proj``, ``embed_tokens`` and ``shared_head.head``; the router stays float.  The same for GLM-4.5's layer,
+    whose names are DeepSeek's; vLLM's ``glm4_moe_mtp`` builds ``eh_proj`` as a plain ``nn.Linear`` and the
+    embedding without ``quant_config``, as ``deepseek_mtp`` does."""
     import subprocess
 
     import numpy as np
 
     from tests.helpers import decode_bigint, floats, read_dir
 
-    src = autoround_fixture("deepseek_v3", 32, mtp=True)
+    src = autoround_fixture(family, 32, **build)
     qc = arf.read_quant_config(src)
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     tensors = arf.read_checkpoint(src)
