@@ -12,6 +12,14 @@ Q_LORA, KV_LORA, ROPE, NOPE, V, HEADS, VOCAB = 1536, 512, 64, 128, 128, 128, 129
 IDX_HEADS, IDX_DIM = 64, 128
 SIZES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}
 
+# The routing, rope and norm keys of DeepSeek-V3.2's config.json (vLLM builds e_score_correction_bias only with
+# topk_method noaux_tc): a rank model built from this config loads in vLLM as the real model's would.
+DEEPSEEK_KEYS = {"topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "scoring_func": "sigmoid", "norm_topk_prob": True,
+                 "routed_scaling_factor": 2.5, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                 "moe_layer_freq": 1, "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 0,
+                 "eos_token_id": 1, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
 
 def quant(prefix, k, n):
     return [(f"{prefix}.qweight", "I32", [k // 8, n]), (f"{prefix}.qzeros", "I32", [k // 128, n // 8]),
@@ -80,7 +88,7 @@ def write_replica(root, dense=False):
            "intermediate_size": DENSE_I, "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_rope_head_dim": ROPE,
            "qk_nope_head_dim": NOPE, "v_head_dim": V, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
            "vocab_size": VOCAB, "max_position_embeddings": 163840, "torch_dtype": "bfloat16",
-           "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048,
+           "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048, **DEEPSEEK_KEYS,
            "quantization_config": {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4,
                                    "group_size": 128, "sym": True, "data_type": "int",
                                    "extra_config": {".*kv_b_proj.*": {"bits": 16, "data_type": "float"}}}}
@@ -173,7 +181,7 @@ def _config():
         "intermediate_size": DENSE_I, "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_rope_head_dim": ROPE,
         "qk_nope_head_dim": NOPE, "v_head_dim": V, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
         "vocab_size": VOCAB, "max_position_embeddings": 163840, "torch_dtype": "bfloat16",
-        "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048}
+        "index_head_dim": IDX_DIM, "index_n_heads": IDX_HEADS, "index_topk": 2048, **DEEPSEEK_KEYS}
 
 
 def qb(k, n, bits):

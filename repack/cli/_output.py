@@ -198,9 +198,15 @@ def memory_plan(plan: MemoryPlan, json_out: bool) -> None:
     for k, v in p["weights_gib_by_class"].items():
         o.print(ui.printable(f"    {k:<28} {v:8.3f} GiB"), markup=False)
     a = p["allowances_gib"]
-    o.print(f"  budget            {p['budget_gib']:.2f} GiB at utilization {p['gpu_memory_utilization']:g}; allowances: "
-            f"activations {a['activations']} GiB ({a['max_num_batched_tokens']} batched tokens), "
-            f"CUDA graphs {a['cuda_graphs']} GiB, non-torch {a['non_torch']} GiB")
+    o.print(f"  budget            {p['budget_gib']:.2f} GiB = {p['gpu_memory_utilization']:g} x {p['cuda_memory_gib']:g} GiB "
+            f"(the memory CUDA reports; {S(p['cuda_memory_source'])})")
+    comm = f", NCCL at TP > 1 {a['tp_comm']} GiB (stated)" if a["tp_comm"] else ""
+    if p["kv_measured"]:
+        o.print(f"  KV measured       {S(p['kv_measured'])}{comm}")
+    else:
+        o.print(f"  allowances        activations {a['activations']} GiB ({a['max_num_batched_tokens']} batched tokens), "
+                f"CUDA graphs {a['cuda_graphs']} GiB, non-torch {a['non_torch']} GiB{comm}, margin {a['margin']} GiB")
+        o.print(f"  calibration       {S(a['calibration'])}")
     o.print(f"  KV cache          {p['kv_bytes_per_token']} bytes/token ({S(p['kv_cache_dtype'])}; attention {p['kv_bytes_per_token_attention']}, "
             f"indexer {p['kv_bytes_per_token_indexer']}), {p['kv_cache_gib']:.2f} GiB per GPU = {p['capacity_tokens']} tokens")
     o.print(f"  max context       {p['max_model_len']} (model max {p['model_max_position_embeddings']})")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from repack.cli import _output
-from repack.cli.serve import _CC, _EXTRA, _GPUS, _KV, _LEN, _MEM, _RECIPE, _SPEC, _UTIL, KvDtype
+from repack.cli.serve import _CC, _EXTRA, _GPUS, _KV, _LEN, _MEM, _RECIPE, _RECIPE_FILE, _SPEC, _UTIL, KvDtype, _recipe
 
 
 class RehearsePath(str, Enum):
@@ -23,7 +23,7 @@ def rehearse_cmd(
     extra: Optional[list[str]] = _EXTRA,
     gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
-    recipe: Optional[str] = _RECIPE, speculative: int = _SPEC,
+    recipe: Optional[str] = _RECIPE, recipe_file: Optional[Path] = _RECIPE_FILE, speculative: int = _SPEC,
     path: RehearsePath = typer.Option(RehearsePath.both, "--path", help="native, repacked or both."),
     work: Path = typer.Option(Path("w3repack-rehearsal"), "--work", help="Folder for the rank models (checked for space first)."),
     keep: bool = typer.Option(False, "--keep", help="Keep the rank models under --work."),
@@ -39,20 +39,15 @@ def rehearse_cmd(
     """Rehearse a deployment on one GPU: build one TP rank of each serving path, serve it with the installed stock
     vLLM under the target's memory budget, record what vLLM reports (memory, KV cache, longest context, kernels,
     speed) beside the plan. `plan` and `launch` take the result with --rehearsal."""
-    import math
-
     from repack.errors import UserError
     from repack.serve import launcher, planner
     from repack.serve import rehearse as rh
     from repack.sources import open_source, read_checkpoint
 
-    for name, v in (("--gpu-memory", gpu_memory), ("--gpu-memory-utilization", util)):
-        if v is not None and not math.isfinite(v):
-            raise UserError(f"{name} {v}: not a finite number")
     source = open_source(model)
     m = planner.model_from_checkpoint(read_checkpoint(source))
     m, req, _ = launcher.prepare(str(m.root), gpus, gpu_memory, compute_capability, max_model_len,
-                                 kv_cache_dtype.value if kv_cache_dtype else None, util, recipe, 1, None,
+                                 kv_cache_dtype.value if kv_cache_dtype else None, util, _recipe(recipe, recipe_file), 1, None,
                                  speculative=speculative, extra_args=list(extra or []), model=m)
     vllm = launcher.installed_vllm() or launcher.DEFAULT_VLLM
     _, ranks = rh.prepare(m, req, path.value, vllm, dense_attention)

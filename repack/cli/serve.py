@@ -77,6 +77,18 @@ _UTIL = typer.Option(None, "--gpu-memory-utilization", callback=_number(*rc.UTIL
 _RECIPE = typer.Option(None, "--recipe", help="Fill options from a shipped recipe, by name (see `w3repack recipes`).")
 _RECIPE_FILE = typer.Option(None, "--recipe-file", help="Fill options from a recipe file of your own (same schema as the shipped ones).")
 _OFFLOAD = typer.Option(None, "--cpu-offload-gb", callback=_number(*rc.CPU_OFFLOAD_GIB, False), help="GiB of weights per GPU kept in host RAM.")
+_REHEARSAL = typer.Option(None, "--rehearsal", help="rehearsal.json from `w3repack rehearse` of this model and target: "
+                          "the KV cache and speed vLLM measured replace the calibrated figures.")
+
+
+def _rehearsal(path: Optional[Path]):
+    if path is None:
+        return None
+    from repack.serve.rehearse import Rehearsal
+
+    return Rehearsal.load(path)
+
+
 _NODES = typer.Option(1, "--nodes", min=1, max=rc.MAX_GPUS, help="Nodes (pipeline parallel size).")
 _SPEC = typer.Option(0, "--speculative", min=0, max=64, help="DeepSeek MTP speculative decoding with N draft tokens (needs the MTP layer).")
 _TRUST = typer.Option(False, "--trust-remote-code", help="Let the engine run the checkpoint's own Python code (config.json auto_map).")
@@ -93,6 +105,7 @@ def plan_cmd(
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, recipe_file: Optional[Path] = _RECIPE_FILE, cpu_offload_gb: Optional[float] = _OFFLOAD,
     nodes: int = _NODES, speculative: int = _SPEC, vllm_version: Optional[str] = _VLLM,
+    rehearsal: Optional[Path] = _REHEARSAL,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan GPU memory for vLLM: both serving paths of a 3-bit source side by side, and the one to take."""
@@ -101,7 +114,8 @@ def plan_cmd(
     m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
                                nodes, cpu_offload_gb, speculative, recipe_file=recipe_file)
     version = vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM
-    _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version))), json_out)
+    _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version)),
+                                        rehearsal=_rehearsal(rehearsal)), json_out)
 
 
 def launch(
@@ -114,7 +128,7 @@ def launch(
     vllm_version: Optional[str] = _VLLM, path: PathChoice = _PATH, speculative: int = _SPEC,
     engine: Engine = typer.Option(Engine.vllm, "--engine", help="vllm, or sglang (4-bit only)."),
     sglang_version: Optional[str] = typer.Option(None, "--sglang-version", help="SGLang the flags are for (default: installed)."),
-    dense_context: DenseContext = _DENSE,
+    dense_context: DenseContext = _DENSE, rehearsal: Optional[Path] = _REHEARSAL,
     nodes: int = typer.Option(1, "--nodes", min=1, max=rc.MAX_GPUS, help="Nodes: >1 writes the Ray multi-node variant (PP = nodes)."),
     trust_remote_code: bool = _TRUST,
     force: bool = typer.Option(False, "--force", help="Write the script even if the plan does not fit."),
@@ -131,7 +145,7 @@ def launch(
         sh.write_script(output, sh.encode(L.script(rec)), overwrite)
         _output.sglang_written(output, L)
         return
-    sel = launcher.select(m, req, path.value, vllm_version, force)
+    sel = launcher.select(m, req, path.value, vllm_version, force, _rehearsal(rehearsal))
     text = launcher.script(str(m.root.resolve()), sel.plan, sel.flags, nodes, rec, trust_remote_code)
     sh.write_script(output, sh.encode(text), overwrite)
     _output.launcher_written(output, sel.plan, sel.flags.version, nodes, sel.path.name, sel.flags.notes)

@@ -8,9 +8,9 @@ lazily connected NCCL channels, persistent buffers) − the transient peak of a 
 ``max_num_batched_tokens`` (activations) − the memory CUDA graphs take (profiled, on by default since 0.21).
 What was allocated before the snapshot must fit outside the budget, in ``(1 − utilization) × total``.
 
-The allowances below were measured by ``w3repack rehearse`` (docs/benchmarks.md gives the runs); how far the plan
-is from each measurement is stated there. Numbers for other vLLM versions, other model families and other shapes
-are extrapolations, and the plan says so.
+The allowances below were measured by ``w3repack rehearse`` (docs/benchmarks.md gives the runs and how far the
+plan is from each). Numbers for other vLLM versions, model families and shapes are interpolations or
+extrapolations from those runs, and the plan says which.
 """
 
 from __future__ import annotations
@@ -54,55 +54,82 @@ def card_memory(memory_gib: float, name: str | None = None) -> CardMemory:
 
 @dataclass(frozen=True)
 class Calibration:
-    """vLLM allowances of one version and kernel family, per GPU.
+    """vLLM's allowances per GPU for one version, weight-kernel family and GPU class, measured by a rehearsal.
 
-    ``non_torch_gib``: allocated after vLLM's snapshot besides weights and activations (kernel modules, workspaces);
-    ``activations``: ``act_base_gib + act_gib_per_1k_tokens × max_num_batched_tokens / 1000``, at hidden size
-    ``ref_hidden`` and ``ref_topk`` routed experts (scaled linearly with ``hidden × topk`` elsewhere);
-    ``cuda_graphs_gib``: at ``ref_layers`` layers and vLLM's default capture sizes (up to 512), scaled with the
-    layer count elsewhere; each scaled figure is at least its ``*_min_gib`` (what a small model still takes);
-    ``context_gib``: what sits outside the budget on one GPU (CUDA context, cuBLAS handles).
+    ``non_torch_gib``: allocated after vLLM's snapshot besides the weights (workspaces, kernel modules);
+    ``act_gib``: the transient peak of the profile run at ``act_tokens`` batched tokens; ``cuda_graphs_gib``: vLLM's
+    CUDA-graph estimate (default capture sizes, up to 512); ``context_gib``: in use before the snapshot (CUDA context,
+    cuBLAS handles), which must fit outside the budget. All at ``ref_layers`` layers of hidden size ``ref_hidden``.
     """
 
     vllm: str
     kernels: str
+    sm90: bool
     non_torch_gib: float
-    act_base_gib: float
-    act_gib_per_1k_tokens: float
+    act_gib: float
+    act_tokens: int
     cuda_graphs_gib: float
-    act_min_gib: float
-    graphs_min_gib: float
     context_gib: float
-    ref_hidden: int
-    ref_topk: int
-    ref_layers: int
-    measured: bool
     source: str
+    ref_layers: int = 61
+    ref_hidden: int = 7168
+    measured: bool = True
 
 
-# Until a rehearsal measures them, the allowances the planner has always stated (not measured).
-STATED = Calibration("any", "any", non_torch_gib=0.25, act_base_gib=0.0, act_gib_per_1k_tokens=0.5, cuda_graphs_gib=0.5,
-                     act_min_gib=0.5, graphs_min_gib=0.5, context_gib=0.5, ref_hidden=7168, ref_topk=8, ref_layers=61, measured=False,
-                     source="stated allowances, not measured")
-CALIBRATIONS: tuple[Calibration, ...] = ()
+H200_REHEARSALS = "rehearsals of the DeepSeek-V3.2-REAP-345B TP-8 rank on an H200, vLLM 0.33.0, 2026-12-02"
+CALIBRATIONS: tuple[Calibration, ...] = (
+    Calibration("0.33.0", "humming", False, non_torch_gib=2.31, act_gib=0.54, act_tokens=2048, cuda_graphs_gib=1.03,
+                context_gib=0.70, source=H200_REHEARSALS + " (8 x RTX 3090 target: sm86 kernels, Triton MLA)"),
+    Calibration("0.33.0", "marlin", False, non_torch_gib=2.43, act_gib=0.54, act_tokens=2048, cuda_graphs_gib=1.05,
+                context_gib=0.70, source=H200_REHEARSALS + " (8 x RTX 3090 target: sm86 kernels, Triton MLA)"),
+    Calibration("0.33.0", "humming", True, non_torch_gib=1.30, act_gib=0.80, act_tokens=8192, cuda_graphs_gib=2.46,
+                context_gib=0.70, source=H200_REHEARSALS + " (8 x H200 target, dense attention)"),
+)
+# The smallest model rehearsed (synth.TinySpec: 2 layers of hidden size 1024, Marlin, the 3090 target): what any model
+# takes at least. Between it and the reference rank the allowances are interpolated in layers x hidden size.
+SMALL = Calibration("0.33.0", "marlin", False, non_torch_gib=0.16, act_gib=0.11, act_tokens=2048, cuda_graphs_gib=0.20,
+                    context_gib=0.70, source="rehearsal of a 2-layer model (hidden 1024) on an H200, vLLM 0.33.0",
+                    ref_layers=2, ref_hidden=1024)
+# Activation peak per batched token, from the two reference points (2048 tokens on the 3090 target, 8192 on the H200).
+ACT_GIB_PER_TOKEN = (0.80 - 0.54) / (8192 - 2048)
 
-TP_COMM_GIB = 0.25   # NCCL channels connected lazily and custom all-reduce state after the snapshot (TP > 1): stated
+TP_COMM_GIB = 0.25   # NCCL channels connected lazily after the snapshot (TP > 1): stated, not measured (one GPU)
 TP_PRE_SNAPSHOT_GIB = 0.5  # NCCL communicators and all-reduce buffers before the snapshot (TP > 1): stated
-MARGIN_GIB = 0.10    # kept free on top of the allowances: run-to-run variation of vLLM's own profile
+MARGIN_GIB = 0.02    # vLLM reports each figure to 0.01 GiB: three of them rounded
 
 
-def for_version(vllm: str | None, kernels: str) -> Calibration:
-    """The measured calibration of ``vllm``'s minor release and ``kernels`` ("humming" or "marlin"), else the
-    newest measured one for ``kernels``, else :data:`STATED`."""
-    rows = [c for c in CALIBRATIONS if c.kernels == kernels]
-    if not rows:
-        return STATED
+def for_version(vllm: str | None, kernels: str, sm90: bool) -> Calibration:
+    """The calibration of ``vllm``'s minor release (else the newest measured) for ``kernels`` on this GPU class;
+    the same class with the other kernels where this pair was not measured."""
     try:
         want = Version(vllm).release[:2] if vllm else None
     except InvalidVersion:
         want = None
-    same = [c for c in rows if want is not None and Version(c.vllm).release[:2] == want]
-    return (same or sorted(rows, key=lambda c: Version(c.vllm)))[-1]
+    rows = sorted(CALIBRATIONS, key=lambda c: (Version(c.vllm).release[:2] == want, c.kernels == kernels,
+                                              c.sm90 == sm90, Version(c.vllm)))
+    best = [c for c in rows if c.sm90 == sm90] or rows
+    return best[-1]
+
+
+def scaled(cal: Calibration, layers: int, hidden: int, tokens: int) -> tuple[float, float, float]:
+    """(non-torch, activations, CUDA graphs) GiB for a model of ``layers`` x ``hidden`` at ``tokens`` batched
+    tokens: linear in ``layers x hidden`` between :data:`SMALL` and the calibrated rank (beyond it, extrapolated), the
+    activations also linear in the batched tokens."""
+    x0, x1 = SMALL.ref_layers * SMALL.ref_hidden, cal.ref_layers * cal.ref_hidden
+    f = (layers * hidden - x0) / (x1 - x0)
+
+    def at(small: float, ref: float) -> float:
+        return max(small, small + (ref - small) * f)
+
+    act_ref = cal.act_gib + ACT_GIB_PER_TOKEN * (tokens - cal.act_tokens)
+    return (at(SMALL.non_torch_gib, cal.non_torch_gib), at(SMALL.act_gib, max(SMALL.act_gib, act_ref)),
+            at(SMALL.cuda_graphs_gib, cal.cuda_graphs_gib))
+
+
+def describe(cal: Calibration, layers: int, hidden: int) -> str:
+    exact = (layers, hidden) == (cal.ref_layers, cal.ref_hidden)
+    return (f"vLLM {cal.vllm}, {cal.kernels} kernels, {'sm90' if cal.sm90 else 'below sm90'}: "
+            + ("as measured in " if exact else "interpolated in layers x hidden size from ") + cal.source)
 
 
 def default_batched_tokens(memory_gib: float, name: str | None) -> tuple[int, int]:

@@ -228,11 +228,11 @@ class Selected:
 
 
 def select(model: planner.Model, req: planner.Request, wanted: str = "auto", vllm_version: str | None = None,
-           force: bool = False) -> Selected:
+           force: bool = False, rehearsal=None) -> Selected:
     """The path to launch and its flags; refuses a path that needs a conversion first, cannot run on this vLLM,
-    or does not fit (unless ``force``)."""
+    or does not fit (unless ``force``). ``rehearsal``: measured KV cache and speed (``w3repack rehearse``)."""
     version = vllm_version or installed_vllm() or DEFAULT_VLLM
-    report = paths.plan_paths(model, req, vllm_version=version)
+    report = paths.plan_paths(model, req, vllm_version=version, rehearsal=rehearsal)
     path = paths.choose(report, wanted)
     if not path.runnable:
         raise UserError(f"{model.root}: the {path.name} path cannot run: {path.why_not}")

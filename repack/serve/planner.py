@@ -357,23 +357,20 @@ def default_batched_tokens(gpu: Gpu) -> int:
 
 def allowances(model: Model, req: Request, native: bool = False) -> dict:
     """GiB per GPU the plan keeps from the KV cache, with the calibration they come from."""
-    cal = calibration.for_version(req.vllm_version, kernels(req, native))
+    cal = calibration.for_version(req.vllm_version, kernels(req, native), req.gpu.cc_tuple >= (9, 0))
     tokens = req.max_num_batched_tokens or default_batched_tokens(req.gpu)
     c = model.config
     hidden = c.get("hidden_size") if isinstance(c.get("hidden_size"), int) else cal.ref_hidden
-    topk = c.get("num_experts_per_tok") if isinstance(c.get("num_experts_per_tok"), int) else 1
-    scale = hidden * max(1, topk) / (cal.ref_hidden * cal.ref_topk)
-    layers = sum(len(r) for r in stage_layers(model.layers, req.pp)[:1]) or cal.ref_layers
-    act = max(cal.act_min_gib, (cal.act_base_gib + cal.act_gib_per_1k_tokens * tokens / 1000) * scale)
-    graphs = max(cal.graphs_min_gib, cal.cuda_graphs_gib * layers / cal.ref_layers)
+    layers = max((len(r) for r in stage_layers(model.layers, req.pp)), default=0) or cal.ref_layers
+    non_torch, act, graphs = calibration.scaled(cal, layers, hidden, tokens)
     return {
         "activations": round(act, 3),
         "cuda_graphs": 0.0 if req.enforce_eager else round(graphs, 3),
-        "non_torch": cal.non_torch_gib,
+        "non_torch": round(non_torch, 3),
         "tp_comm": calibration.TP_COMM_GIB if req.tp * req.pp > 1 else 0.0,
         "margin": calibration.MARGIN_GIB,
         "max_num_batched_tokens": tokens,
-        "calibration": f"vLLM {cal.vllm}, {cal.kernels} kernels: {cal.source}" if cal.measured else cal.source,
+        "calibration": calibration.describe(cal, layers, hidden),
     }
 
 
@@ -489,7 +486,7 @@ def warnings_for(model: Model, req: Request, w: Weights, native: bool = False) -
         out.append("consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and "
                    "pass --disable-custom-all-reduce")
     outside = (1 - req.utilization) * req.gpu.card.cuda_gib
-    cal = calibration.for_version(req.vllm_version, kernels(req, native))
+    cal = calibration.for_version(req.vllm_version, kernels(req, native), cc >= (9, 0))
     need = cal.context_gib + (calibration.TP_PRE_SNAPSHOT_GIB if req.tp * req.pp > 1 else 0.0)
     if outside < need:
         out.append(f"--gpu-memory-utilization {req.utilization:g} leaves {outside:.2f} GiB outside vLLM's budget; the "

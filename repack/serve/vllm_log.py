@@ -39,6 +39,9 @@ CAPTURE = re.compile(rf"Graph capturing finished in {_NUM} secs, took {_NUM} ?Gi
 SNAPSHOT = re.compile(rf"worker init memory snapshot: .*?free_memory={_NUM}GiB, total_memory={_NUM}GiB, "
                       rf"\w+_memory={_NUM}GiB")
 ESTIMATED_MAX = re.compile(r"the estimated maximum model length is (\d+)")
+SUMMARY = re.compile(rf"Actual usage is {_NUM} GiB for consumed memory \(weights \+ non-torch\), {_NUM} GiB for peak "
+                     rf"activation, and {_NUM} GiB for CUDAGraph memory")
+WRAPPER = re.compile(r"Engine core initialization failed|See root cause above")
 KERNEL = re.compile(r"(Using \S.*(?:backend|[Kk]ernel)\b.*|Selected \w+ for \w+.*|Using \w+ (?:attention|MLA) .*)")
 ERROR = re.compile(r"\b(\w*Error|Exception)\b: (.+)")
 
@@ -54,8 +57,10 @@ class EngineReport:
     peak_activation_gib: float | None = None      # non-KV - total consumed: the profile run's transient peak
     non_torch_gib: float | None = None            # total consumed - weights: allocated after the snapshot
     cuda_graphs_estimate_gib: float | None = None  # what the KV cache was reduced by for CUDA graphs
-    cuda_graphs_captured_gib: float | None = None
+    cuda_graphs_profiled_gib: float | None = None  # the capture vLLM runs to estimate CUDA-graph memory
+    cuda_graphs_captured_gib: float | None = None  # the capture after the KV cache is allocated
     capture_seconds: float | None = None
+    summary_peak_activation_gib: float | None = None  # vLLM's own summary: activations + CUDA-graph estimate
     kv_cache_gib: float | None = None
     kv_cache_tokens: int | None = None
     max_model_len: int | None = None
@@ -89,8 +94,13 @@ def parse(text: str, total_gib: float | None = None) -> EngineReport:
         r.non_torch_gib = round(r.total_consumed_gib - float(m.group(4)), 2)
     if (m := CG_UTIL.search(text)) and total:
         r.cuda_graphs_estimate_gib = round((float(m.group(1)) - float(m.group(2))) * total, 3)
-    if m := CAPTURE.search(text):
-        r.capture_seconds, r.cuda_graphs_captured_gib = float(m.group(1)), float(m.group(2))
+    captures = CAPTURE.findall(text)
+    if captures:
+        r.capture_seconds, r.cuda_graphs_captured_gib = float(captures[-1][0]), float(captures[-1][1])
+        if len(captures) > 1:
+            r.cuda_graphs_profiled_gib = float(captures[0][1])
+    if m := SUMMARY.search(text):
+        r.summary_peak_activation_gib = float(m.group(2))
     r.kv_cache_gib = _f(AVAILABLE.search(text))
     if m := KV_TOKENS.search(text):
         r.kv_cache_tokens = int(m.group(1).replace(",", ""))
@@ -105,7 +115,8 @@ def parse(text: str, total_gib: float | None = None) -> EngineReport:
             seen.append(k.group(1).strip()[:200])
     r.kernels = seen
     errors = [m.group(0) for line in text.splitlines() if (m := ERROR.search(line)) and "Traceback" not in line]
-    r.error = errors[-1][:500] if errors else None
+    causes = [e for e in errors if not WRAPPER.search(e)]  # the root cause, not the front end's "see above"
+    r.error = (causes or errors)[-1][:500] if errors else None
     return r
 
 
