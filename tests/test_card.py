@@ -87,10 +87,13 @@ def test_serve_command_is_the_launchers_for_the_smallest_fitting_setup(converted
 
 def test_serve_command_when_no_generic_setup_fits(converted, monkeypatch):
     converted = converted[1]
-    monkeypatch.setattr(card, "GENERIC", [(2, 2.3, "9.0"), (8, 2.3, "9.0"), (4, 2.3, "9.0")])
-    text = card.build_card(converted, REPO)
     model = planner.load_model(converted)
-    req = planner.Request(tp=8, gpu=planner.Gpu(8, 2.3, "9.0"))
+    # the smallest card on which the plan at 0.9 does not fit, but an alternative (0.95, or PP) does
+    mem = next(m / 100 for m in range(80, 600) if not (p := planner.plan(model, planner.Request(
+        tp=8, gpu=planner.Gpu(8, m / 100, "9.0")))).fits and p.alternatives)
+    monkeypatch.setattr(card, "GENERIC", [(2, mem, "9.0"), (8, mem, "9.0"), (4, mem, "9.0")])
+    text = card.build_card(converted, REPO)
+    req = planner.Request(tp=8, gpu=planner.Gpu(8, mem, "9.0"))
     p = planner.plan(model, req)
     assert not p.fits and p.alternatives
     argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))

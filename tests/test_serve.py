@@ -250,7 +250,7 @@ def test_launch_script_runs_preflight_then_execs(dense_replica, tmp_path):
     r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path, 8, 24576))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"vllm serve {replica} --tensor-parallel-size 8 --max-model-len 8192")
-    assert "--cpu-offload-gb 3" in r.stdout and r.stdout.strip().endswith("NCCL_P2P_DISABLE=1")
+    assert "--cpu-offload-gb 5" in r.stdout and r.stdout.strip().endswith("NCCL_P2P_DISABLE=1")
     assert "preflight: 8 GPUs, vLLM 0.26.0: ok" in r.stderr
     r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=_fake_tools(tmp_path / "a", 4, 24576))
     assert r.returncode == 1 and "4 GPUs found, the plan needs 8" in r.stderr

@@ -530,7 +530,7 @@ def alternatives(model: Model, req: Request, f: Fit, native: bool = False) -> li
     need = f.weights_gib_per_gpu + overhead_gib(f.allowances_gib) + f.kv_bytes_per_token * (want + 2 * KV_BLOCK) / GIB \
         - f.budget_gib
     if need > 0:
-        off = math.ceil((need + req.cpu_offload_gib) * 2) / 2
+        off = math.ceil(need * 2) / 2  # need counts every weight byte, offloaded or not
         add("cpu-offload", f"--cpu-offload-gb {off:g} per GPU ({off * req.tp * req.pp:g} GiB host RAM; slow)",
             replace(req, cpu_offload_gib=off, max_model_len=want))
     for pp in (2, 3, 4):

@@ -2,11 +2,11 @@
 # Serve /models/DeepSeek-V3.2-REAP-345B-W4A16 with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.
 # recipe: deepseek-v3.2-reap-345b-w3a16-8x3090 (DeepSeek-V3.2-REAP-345B-W3A16 converted to 4-bit, on 8 x RTX 3090 24 GB (sm86, PCIe, no P2P))
 # plan: 1 node(s) x 8 GPUs of 24 GiB, cc 8.6, TP 8
-# weights 21.79 GiB per GPU (18.79 GiB on the GPU), KV cache 70272 bytes per token, 1.47 GiB per GPU
-# max context 8192 tokens at --gpu-memory-utilization 0.95 (capacity 22336 tokens); fits: yes
+# weights 21.79 GiB per GPU (16.79 GiB on the GPU), KV cache 70272 bytes per token, 0.83 GiB per GPU
+# max context 8192 tokens at --gpu-memory-utilization 0.93 (capacity 12608 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
 # warning: consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and pass --disable-custom-all-reduce
-# warning: --cpu-offload-gb 3: 3 GiB of weights per GPU live in host memory (24 GiB of pinned RAM in all) and cross PCIe on every forward pass: expect much lower throughput
+# warning: --cpu-offload-gb 5: 5 GiB of weights per GPU live in host memory (40 GiB of pinned RAM in all) and cross PCIe on every forward pass: expect much lower throughput
 set -euo pipefail
 
 [ -n "${MODEL:-}" ] || MODEL=/models/DeepSeek-V3.2-REAP-345B-W4A16
@@ -41,7 +41,7 @@ export NCCL_P2P_DISABLE=1
 exec "$VLLM" serve "$MODEL" \
   --tensor-parallel-size 8 \
   --max-model-len 8192 \
-  --gpu-memory-utilization 0.95 \
-  --cpu-offload-gb 3 \
+  --gpu-memory-utilization 0.93 \
+  --cpu-offload-gb 5 \
   --disable-custom-all-reduce \
   --max-num-seqs 8

@@ -2,8 +2,8 @@
 # Serve /models/DeepSeek-V3.2-REAP-345B-W4A16 with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.
 # recipe: deepseek-v3.2-reap-345b-w3a16-8xa100-40g (DeepSeek-V3.2-REAP-345B-W3A16 converted to 4-bit, on 8 x A100 40 GB (sm80, NVLink))
 # plan: 1 node(s) x 8 GPUs of 40 GiB, cc 8.0, TP 8
-# weights 21.79 GiB per GPU (21.79 GiB on the GPU), KV cache 70272 bytes per token, 11.54 GiB per GPU
-# max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 176320 tokens); fits: yes
+# weights 21.79 GiB per GPU (21.79 GiB on the GPU), KV cache 70272 bytes per token, 9.38 GiB per GPU
+# max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 143232 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
 set -euo pipefail
 
