@@ -87,13 +87,15 @@ S((opt("--host"), int(opt("--port"))), H).serve_forever()
 '''
 
 TORCH = r'''
+import os
 class cuda:
     @staticmethod
     def is_available():
-        return True
+        return os.environ.get("FAKE_TORCH_MODE") != "nogpu"
     @staticmethod
     def mem_get_info(i=0):
-        return (int((TOTAL - 0.6) * 2**30), int(TOTAL * 2**30))
+        free = 4.0 if os.environ.get("FAKE_TORCH_MODE") == "busy" else TOTAL - 0.6
+        return (int(free * 2**30), int(TOTAL * 2**30))
     @staticmethod
     def get_device_capability(i=0):
         return (9, 0)
@@ -107,8 +109,13 @@ __version__ = "2.11.0+fake"
 '''
 
 
-def install(root: Path) -> Path:
-    """The fake ``vllm`` (0.33.0) and ``torch`` packages under ``root``; returns ``root`` for PYTHONPATH."""
+def install(root: Path, vllm: bool = True) -> Path:
+    """The fake ``vllm`` (0.33.0, unless not ``vllm``) and ``torch`` packages under ``root``; returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "torch").mkdir()
+    (root / "torch" / "__init__.py").write_text(f"TOTAL = {TOTAL_GIB}\n" + TORCH)
+    if not vllm:
+        return root
     pkg = root / "vllm" / "entrypoints" / "cli"
     pkg.mkdir(parents=True)
     (root / "vllm" / "__init__.py").write_text('__version__ = "0.33.0"\n')
@@ -119,8 +126,6 @@ def install(root: Path) -> Path:
     meta.mkdir()
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.33.0\n")
     (meta / "RECORD").write_text("")
-    (root / "torch").mkdir()
-    (root / "torch" / "__init__.py").write_text(f"TOTAL = {TOTAL_GIB}\n" + TORCH)
     return root
 
 

@@ -138,11 +138,15 @@ def virtual_output(model: planner.Model, **options) -> tuple[planner.Model, bool
     from repack.checkpoint import open_checkpoint
     from repack.plan import Options, build_plan
 
+    key = tuple(sorted(options.items()))
+    if key in model.derived:
+        return model.derived[key]
     p = build_plan(model.ckpt or open_checkpoint(model.root), Options(**options))  # type: ignore[arg-type]
     tensors = [(o.out_name, o.out_dtype, tuple(o.out_shape or ()), o.out_nbytes)
                for s in p.shards for o in s.ops if o.out_name is not None and o.out_dtype is not None]
     changed = p.config != model.config or any(o.op.value != "copy" for s in p.shards for o in s.ops)
-    return planner.Model(model.root, p.config, tensors), changed
+    model.derived[key] = planner.Model(model.root, p.config, tensors), changed
+    return model.derived[key]
 
 
 def tp_checks(model: planner.Model, tp: int, bits: int) -> list[TpCheck]:

@@ -90,6 +90,7 @@ class Model:
     config: dict
     tensors: list[tuple[str, str, tuple[int, ...], int]]
     ckpt: object | None = field(default=None, repr=False, compare=False)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # conversions planned from it, by options
 
     @property
     def spec(self) -> ArchSpec:
