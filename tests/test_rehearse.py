@@ -266,6 +266,27 @@ def test_speed_ratio_from_a_rehearsal_drives_the_recommendation():
     assert m.decode_geomean > 1.10 and "rehearsal on NVIDIA H200" in m.source
 
 
+def test_measured_speed_from_a_rehearsal_recommends_the_repack(source, tmp_path):
+    d = json.loads((REHEARSALS / "345b-8xh200-dense-vllm-0.33.0.json").read_text())
+    rep = json.loads(json.dumps(d["paths"][0]))
+    rep["name"] = "repacked-4bit"
+    for b, s in rep["measured"]["decode_tokens_per_s"].items():
+        s["median"] = d["paths"][0]["measured"]["decode_tokens_per_s"][b]["median"] * 1.25
+    d["paths"].append(rep)
+    f = tmp_path / "both.json"
+    f.write_text(json.dumps(d))
+    h200 = ["--gpus", "8", "--gpu-memory", "140.4", "--compute-capability", "9.0", "--vllm-version", "0.33.0"]
+    r = run("plan", source, *h200, "--rehearsal", f, cwd=tmp_path)
+    # the rehearsal served the dense-attention form: a plan of the sparse form (sm90's default) cannot use it
+    assert r.returncode == 2 and "it rehearsed the dense-attention form" in r.stderr
+    r = run("plan", source, *h200, "--dense-attention", "--rehearsal", f, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    m = p["paths"][1]["measured_speed"]
+    assert m["decode_ratio_by_batch"] == {"1": 1.25, "8": 1.25, "32": 1.25, "128": 1.25} and m["tensor_parallel"] == 8
+    assert p["recommended"] == "repacked-4bit" and "measured 1.25x the native decode speed on sm90 at TP 8" in p["recommendation_reason"]
+
+
 # ---------------------------------------------------------------- the child runner
 
 

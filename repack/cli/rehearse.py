@@ -57,8 +57,9 @@ def rehearse_cmd(
     previous = rh.Rehearsal.load(output) if append and output.exists() else None
     if output.exists() and not append:
         raise UserError(f"{output}: exists; choose another --output, or --append to add to it")
+    dense = bool(m.v32 and (dense_attention if dense_attention is not None else req.gpu.cc_tuple < (9, 0)))
     reh = rh.rehearse(source.label(), m, req, ranks, work, output, timeout, keep, previous,
-                      progress=_output.progress_line)
+                      progress=_output.progress_line, dense_attention=dense)
     _output.rehearsal(reh, json_out)
 
 

@@ -89,6 +89,8 @@ def _rehearsal(path: Optional[Path]):
     return Rehearsal.load(path)
 
 
+_DENSE_ATTN = typer.Option(None, "--dense-attention/--sparse-attention",
+                           help="DeepSeek-V3.2 source: plan its dense-attention conversion (default: below sm90 only).")
 _NODES = typer.Option(1, "--nodes", min=1, max=rc.MAX_GPUS, help="Nodes (pipeline parallel size).")
 _SPEC = typer.Option(0, "--speculative", min=0, max=64, help="DeepSeek MTP speculative decoding with N draft tokens (needs the MTP layer).")
 _TRUST = typer.Option(False, "--trust-remote-code", help="Let the engine run the checkpoint's own Python code (config.json auto_map).")
@@ -105,7 +107,7 @@ def plan_cmd(
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, recipe_file: Optional[Path] = _RECIPE_FILE, cpu_offload_gb: Optional[float] = _OFFLOAD,
     nodes: int = _NODES, speculative: int = _SPEC, vllm_version: Optional[str] = _VLLM,
-    rehearsal: Optional[Path] = _REHEARSAL,
+    rehearsal: Optional[Path] = _REHEARSAL, dense_attention: Optional[bool] = _DENSE_ATTN,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan GPU memory for vLLM: both serving paths of a 3-bit source side by side, and the one to take."""
@@ -115,7 +117,7 @@ def plan_cmd(
                                nodes, cpu_offload_gb, speculative, recipe_file=recipe_file)
     version = vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM
     _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version)),
-                                        rehearsal=_rehearsal(rehearsal)), json_out)
+                                        dense_attention=dense_attention, rehearsal=_rehearsal(rehearsal)), json_out)
 
 
 def launch(

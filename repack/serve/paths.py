@@ -6,11 +6,12 @@
 * ``repacked-4bit``: the ``w3repack convert`` output (4-bit GPTQ; Marlin below sm90, Humming or Marlin on sm90).
 
 Each path's memory plan comes from ``planner`` over the tensors the conversion would write (``plan.build_plan``
-on the source's headers: no byte is read or written). Speed comes from ``MEASURED``: the ratios
-``scripts/bench_serving.py`` measured (docs/benchmarks.md), used only for the GPU family and tensor-parallel
-size they were measured on. The recommendation: a path that cannot run is out (vLLM version, engine, MTP
-speculation, fit); of two that fit, the repack only when it was measured faster by more than ``FASTER``
-(geometric mean of the decode ratios), else the native path, which needs less memory.
+on the source's headers: no byte is read or written). Speed comes from a rehearsal (``--rehearsal``), else from
+``MEASURED``: ratios measured by rehearsals at the shapes of one rank (docs/benchmarks.md), used only for the GPU
+family and tensor-parallel size they were measured at (the shapes decide the answer: a 4-layer full-width model
+and a TP-8 rank of the same model gave opposite ratios). The recommendation: a path that cannot run is out (vLLM
+version, engine, MTP speculation, fit); of two that fit, the repack only when it was measured faster by more than
+``FASTER`` (geometric mean of the decode ratios), else the native path, which needs less memory.
 """
 
 from __future__ import annotations
@@ -53,11 +54,9 @@ class Measured:
                 "source": self.source}
 
 
-# H200 (sm90), vLLM 0.33.0, 4 MoE layers with DeepSeek-V3 expert shapes, bf16, CUDA graphs on (docs/benchmarks.md)
-MEASURED = (
-    Measured("sm90", 1, "0.33.0", "auto (Humming)", {1: 1.01, 8: 1.43, 32: 0.97, 128: 1.03}, 0.95),
-    Measured("sm90", 2, "0.33.0", "auto (Humming)", {1: 0.83, 8: 1.07, 32: 1.13, 128: 1.11}, 0.94),
-)
+# Repacked ÷ native at the shapes of one rank, from rehearsals with both paths served (none yet: the rehearsals of
+# docs/benchmarks.md served the native path only, or the repack did not fit the target's budget).
+MEASURED: tuple[Measured, ...] = ()
 
 
 def gpu_family(cc: str) -> str:
@@ -66,9 +65,8 @@ def gpu_family(cc: str) -> str:
 
 
 def measured_for(cc: str, tp: int) -> Measured | None:
-    """The measurement on this GPU family at the nearest tensor-parallel size, if any."""
-    rows = [m for m in MEASURED if m.gpu_family == gpu_family(cc)]
-    return min(rows, key=lambda m: (abs(m.tp - tp), m.tp)) if rows else None
+    """The rank-shape measurement on this GPU family at this tensor-parallel size, if any."""
+    return next((m for m in MEASURED if m.gpu_family == gpu_family(cc) and m.tp == tp), None)
 
 
 @dataclass
@@ -205,7 +203,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
             f"exact up to index_topk={model.config.get('index_topk')} tokens of context, an approximation beyond")
 
     def path(name: str, m: planner.Model, prep: list[str], bits_: int) -> ServingPath:
-        kv = rehearsal.measured_kv(name, req) if rehearsal is not None else None
+        kv = rehearsal.measured_kv(name, req, dense) if rehearsal is not None else None
         p = planner.plan(m, req, native=name == NATIVE, measured=kv)
         if dense:
             p.warnings.append(note)
@@ -251,7 +249,8 @@ def recommend(native: ServingPath, repacked: ServingPath) -> tuple[str, str]:
     extra = native.plan.max_model_len - repacked.plan.max_model_len
     speed = (f"measured decode speed within {FASTER:.2f}x on {m.gpu_family} at TP {m.tp} (ratios "
              + ", ".join(f"batch {b}: {r:.2f}" for b, r in m.decode.items()) + ")") if m else \
-        "no measured speed for this GPU family"
+        ("no speed measured at this rank's shapes on this GPU family (`w3repack rehearse --path both` measures it "
+         "and `--rehearsal` uses it)")
     return NATIVE, f"{speed}; the native path needs less memory" + (f" ({extra} more tokens of context)" if extra > 0 else "")
 
 

@@ -390,8 +390,11 @@ class Rehearsal:
         loc = self.data["local"]
         return f"rehearsal on {loc.get('gpu')}, vLLM {loc.get('vllm')}, {str(self.data.get('date', '?'))[:10]}"
 
-    def check(self, req: planner.Request) -> None:
-        """UserError naming the first fact in which ``req`` differs from the rehearsed target."""
+    def check(self, req: planner.Request, dense: bool = False) -> None:
+        """UserError naming the first fact in which ``req`` (and the attention form) differs from the rehearsal."""
+        if bool(self.data.get("dense_attention")) != dense:
+            form = "the dense-attention form" if self.data.get("dense_attention") else "the sparse-attention form"
+            raise UserError(f"--rehearsal: it rehearsed {form}; plan the same form (--dense-attention / --sparse-attention)")
         t, mine = self.data["target"], target_of(req).to_json()
         for key in ("tensor_parallel", "gpu_memory_gib", "compute_capability", "gpu_memory_utilization",
                     "max_num_batched_tokens", "kv_cache_dtype", "speculative"):
@@ -402,8 +405,8 @@ class Rehearsal:
     def entry(self, name: str) -> dict | None:
         return next((p for p in self.data["paths"] if p["name"] == name), None)
 
-    def measured_kv(self, name: str, req: planner.Request) -> planner.MeasuredKV | None:
-        self.check(req)
+    def measured_kv(self, name: str, req: planner.Request, dense: bool = False) -> planner.MeasuredKV | None:
+        self.check(req, dense)
         p = self.entry(name)
         m = (p or {}).get("measured") or {}
         eng = m.get("engine") or {}
@@ -446,7 +449,7 @@ def record(rp: RankPath, run: PathRun | None) -> dict:
 
 def rehearse(model_label: str, model: planner.Model, req: planner.Request, ranks: list[RankPath], work: Path,
              output: Path, timeout: float, keep: bool, append: Rehearsal | None = None,
-             python: str | None = None, progress=None) -> Rehearsal:
+             python: str | None = None, progress=None, dense_attention: bool = False) -> Rehearsal:
     """Run every rank in ``ranks`` (one engine at a time), writing ``output`` after each; the rehearsal."""
     python = python or sys.executable
     work.mkdir(parents=True, exist_ok=True)
@@ -464,9 +467,11 @@ def rehearse(model_label: str, model: planner.Model, req: planner.Request, ranks
                         "0.5 GiB for the CUDA context: free the GPU or rehearse a smaller target")
     data = {"schema_version": SCHEMA_VERSION, "tool": _tool_version(), "date": now(), "model": model_label,
             "architecture": (model.config.get("architectures") or ["?"])[0], "target": target.to_json(),
+            "dense_attention": dense_attention,
             "local": local.to_json(), "paths": []}
     if append is not None:
-        if append.data["target"] != data["target"] or append.data.get("model") != model_label:
+        if (append.data["target"], append.data.get("model"), bool(append.data.get("dense_attention"))) != (
+                data["target"], model_label, dense_attention):
             raise UserError(f"--append: {output} is a rehearsal of another model or target")
         data["paths"] = [p for p in append.data["paths"] if p["name"] not in {r.name for r in ranks}]
     for rp in ranks:
