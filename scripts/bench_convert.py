@@ -50,7 +50,8 @@ def generate(root: Path, gbytes: float, shard_bytes: int, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     target = int(gbytes * 1e9)
-    items, total, layer, e = [], 0, 0, 0
+    items: list = []
+    total, layer, e = 0, 0, 0
     float_every = 12
     while total < target:
         if len(items) % float_every == 0:
@@ -63,7 +64,9 @@ def generate(root: Path, gbytes: float, shard_bytes: int, seed: int = 0) -> int:
         e += 1
         if e == 64:
             layer, e = layer + 1, 0
-    shards, cur, size = [], [], 0
+    shards: list = []
+    cur: list = []
+    size = 0
     for it in items:
         nb = int(np.prod(it[2])) * (2 if it[1] in ("F16", "BF16") else 4)
         if cur and size + nb > shard_bytes:
@@ -78,7 +81,7 @@ def generate(root: Path, gbytes: float, shard_bytes: int, seed: int = 0) -> int:
         prefix, _ = build_header([(n, d, s) for n, d, s, _ in sh], {"format": "pt"})
         with open(root / name, "wb") as f:
             f.write(prefix)
-            for n, d, s, make in sh:
+            for n, _d, s, make in sh:
                 f.write(np.ascontiguousarray(make(s)).tobytes())
                 wm[n] = name
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
@@ -98,7 +101,8 @@ def drop_caches() -> bool:
         return False
 
 
-GNU_TIME = shutil.which("time") and Path(shutil.which("time")).resolve()
+_TIME = shutil.which("time")
+GNU_TIME = Path(_TIME).resolve() if _TIME else None
 
 
 def timed(cmd: list[str], cold: bool) -> dict:
@@ -152,7 +156,7 @@ def bench_codec(mib: int = 64, reps: int = 5) -> dict:
 
     res["to4_mb_s"] = best(lambda: codec.transcode_to4(w3, 3, out=out))
     res["from4_mb_s"] = best(lambda: codec.transcode_from4(w4, 3))
-    res["sha256_mb_s"] = best(lambda: hashlib.sha256(w3).digest())
+    res["sha256_mb_s"] = best(lambda: hashlib.sha256(w3.data).digest())
     chunk = w3[: (4 << 20) // (4 * M) // 3 * 3]
     n = (w3.shape[0] // chunk.shape[0])
     res["to4_chunked_mb_s"] = best(lambda: [codec.transcode_to4(chunk, 3, out=out) for _ in range(n)]) * (n * chunk.nbytes) / w3.nbytes
@@ -238,7 +242,8 @@ def main() -> None:
               f"{r['convert_nohash_s'] / r['cp_s']:.2f} | {r['read_both_s']:.2f} s | {r['verify_s']:.2f} s | "
               f"{r['verify_s'] / r['read_both_s']:.2f} | {max(r['convert_rss_mib'], r['verify_rss_mib']):.0f} MiB |"
               f"  all convert runs: {r['convert_s_all']}, cp: {r['cp_s_all']}")
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+    ram_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores, {ram_gib:.0f} GiB RAM; "
           f"page cache {'dropped before each step' if cold else 'warm'}; workers {workers}; medians of {args.repeat} runs\n")
     print("codec alone, one core, MiB/s of 3-bit input:")
     print(f"  3->4 transcode {codec_res['to4_mb_s']:8.0f}   (4 MiB chunks as convert feeds it: {codec_res['to4_chunked_mb_s']:.0f})")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -54,58 +53,26 @@ def bench_spec(layers: int, vocab: int):
 
 
 def write_source(root: Path, spec) -> None:
-    """The checkpoint of ``synth.deepseek_config(spec)`` with random codes, streamed shard by shard.
-
-    Speed does not depend on the values, so one random block per tensor shape is reused for every tensor of
-    that shape (each expert has its own bytes on disk, the same ones); scales are small random fp16 with both
-    signs, qzeros the symmetric 3-bit words, so the model is a valid 3-bit auto_round:auto_gptq checkpoint.
-    """
-    from repack import codec, synth
-
-    rng = np.random.default_rng(0)
-    blocks: dict = {}
-
-    def block(key, make):
-        if key not in blocks:
-            blocks[key] = np.ascontiguousarray(make()).tobytes()
-        return blocks[key]
-
-    def bf16(shape, std):
-        return ((rng.standard_normal(shape).astype(np.float32) * std).view(np.uint32) >> 16).astype(np.uint16)
-
-    def norm(n):
-        return block(("norm", n), lambda: np.full(n, 0x3F80, dtype=np.uint16))  # bf16 1.0
+    """The checkpoint of ``synth.deepseek_config(spec)`` with random valid 3-bit codes (``synth.random_tensors``:
+    speed does not depend on the values, so tensors of one shape share their bytes)."""
+    from repack import synth
 
     h, bits, gs = spec.hidden, spec.bits, spec.group_size
-    tensors: list[tuple[str, str, tuple, bytes]] = [
-        ("model.embed_tokens.weight", "BF16", (spec.vocab, h), bf16((spec.vocab, h), 0.02).tobytes())]
+    tensors: list[tuple[str, str, tuple[int, ...]]] = [("model.embed_tokens.weight", "BF16", (spec.vocab, h))]
     for prefix, n, k, _ in synth._linears(spec):
         layer = int(prefix.split(".")[2])
         if prefix.endswith("self_attn.q_a_proj"):
             p = prefix.rsplit(".", 2)[0]
-            tensors += [(f"{p}.input_layernorm.weight", "BF16", (h,), norm(h)),
-                        (f"{p}.post_attention_layernorm.weight", "BF16", (h,), norm(h)),
-                        (f"{p}.self_attn.q_a_layernorm.weight", "BF16", (spec.q_lora,), norm(spec.q_lora)),
-                        (f"{p}.self_attn.kv_a_layernorm.weight", "BF16", (spec.kv_lora,), norm(spec.kv_lora))]
+            tensors += [(f"{p}.input_layernorm.weight", "BF16", (h,)), (f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
+                        (f"{p}.self_attn.q_a_layernorm.weight", "BF16", (spec.q_lora,)),
+                        (f"{p}.self_attn.kv_a_layernorm.weight", "BF16", (spec.kv_lora,))]
             if layer >= spec.first_dense:
-                tensors += [(f"{p}.mlp.gate.weight", "BF16", (spec.experts, h), bf16((spec.experts, h), 0.05).tobytes()),
-                            (f"{p}.mlp.gate.e_score_correction_bias", "F32", (spec.experts,),
-                             np.zeros(spec.experts, np.float32).tobytes())]
-        groups = k // gs
-        qw = block(("qw", k, n), lambda: rng.integers(0, 1 << 32, size=(k * bits // 32, n), dtype=np.uint32))
-        sc = block(("sc", groups, n), lambda: (rng.uniform(0.25, 1.0, (groups, n)) * 0.02 / 4
-                                                * np.where(rng.random((groups, n)) < 0.5, -1, 1)).astype(np.float16))
-        qz = block(("qz", groups, n), lambda: codec.sym_qzeros(groups, n, bits))
-        tensors += [(f"{prefix}.qweight", "I32", (k * bits // 32, n), qw),
-                    (f"{prefix}.qzeros", "I32", (groups, n * bits // 32), qz),
-                    (f"{prefix}.scales", "F16", (groups, n), sc)]
-    tensors += [("model.norm.weight", "BF16", (h,), norm(h)),
-                ("lm_head.weight", "BF16", (spec.vocab, h), bf16((spec.vocab, h), 0.02).tobytes())]
-
-    synth.write_shards(root, tensors, spec.shard_bytes)
-    cfg = synth.deepseek_config(spec)
-    (root / "config.json").write_text(json.dumps(cfg, indent=2))
-    (root / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+                tensors += [(f"{p}.mlp.gate.weight", "BF16", (spec.experts, h)),
+                            (f"{p}.mlp.gate.e_score_correction_bias", "F32", (spec.experts,))]
+        tensors += [(f"{prefix}.qweight", "I32", (k * bits // 32, n)), (f"{prefix}.qzeros", "I32", (k // gs, n * bits // 32)),
+                    (f"{prefix}.scales", "F16", (k // gs, n))]
+    tensors += [("model.norm.weight", "BF16", (h,)), ("lm_head.weight", "BF16", (spec.vocab, h))]
+    synth.write_random_checkpoint(root, synth.deepseek_config(spec), tensors, spec.shard_bytes)
 
 
 def build(work: Path, layers: int, vocab: int) -> dict:
@@ -172,22 +139,15 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, log: Path, timeout: int) -> dict:
-    res = log.with_suffix(".json")
-    res.unlink(missing_ok=True)
-    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pypath)
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), str(res)], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    """One engine in its own process group (repack.serve.child: stopped whole at the deadline)."""
+    from repack.serve.child import python_child
+
+    r = python_child(__file__, [json.dumps(spec)], log, timeout, root=ROOT)
+    rc: int | str = "timeout" if r.timed_out else (r.rc if r.rc is not None else "timeout")
     text = log.read_text(errors="replace")
-    out = json.loads(res.read_text()) if res.exists() else {}
-    out.update(rc=rc, wall_seconds=round(time.monotonic() - t0, 1),
-               kernel_lines=sorted({KERNEL_RE.search(ln) and ln.split("] ", 1)[-1].strip()[:200]
-                                    for ln in text.splitlines() if KERNEL_RE.search(ln)} - {None}))
+    out = dict(r.result or {})
+    out.update(rc=rc, wall_seconds=round(r.seconds, 1),
+               kernel_lines=sorted({ln.split("] ", 1)[-1].strip()[:200] for ln in text.splitlines() if KERNEL_RE.search(ln)}))
     m = re.findall(r"Model loading took ([\d.]+) GiB", text)
     out["weights_gib"] = float(m[0]) if m else None
     if rc != 0:
@@ -202,7 +162,7 @@ def table(report: dict) -> str:
     paths = report["paths"]
     base = paths.get("native-3bit", {})
     bd = base.get("decode_tps", {})
-    head = (f"| path | load s | weights GiB | " + " | ".join(f"decode b{b} tok/s" for b in BATCHES)
+    head = ("| path | load s | weights GiB | " + " | ".join(f"decode b{b} tok/s" for b in BATCHES)
             + " | prefill tok/s |")
     lines = [head, "|" + "---|" * (4 + len(BATCHES))]
     for name, r in paths.items():
@@ -266,7 +226,7 @@ def main() -> int:
         report["paths"][name] = r
         print(f"{name}: rc={r['rc']} {r.get('wall_seconds')} s {r.get('error', '')}", flush=True)
         res_file.write_text(json.dumps(report, indent=1))
-    info = next((r for r in report["paths"].values() if "vllm" in r), {})
+    info: dict = next((r for r in report["paths"].values() if "vllm" in r), {})
     print(f"\nGPU {info.get('gpu')} x{args.tp} (of {info.get('gpus')}), vLLM {info.get('vllm')}, torch {info.get('torch')}, "
           f"{args.dtype}, {args.layers} MoE layers, CUDA graphs on, decode {args.gen_tokens} tokens after "
           f"{PROMPT_LEN}-token prompts, median [min–max] of {args.repeat}; ratio vs native-3bit\n")

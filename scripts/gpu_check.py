@@ -358,21 +358,13 @@ def child_generate(spec: dict) -> dict:
 
 def run_child(mode: str, spec: dict, log: Path, timeout: int) -> dict:
     """Run one engine in a fresh Python process; its whole output goes to ``log``."""
-    res_path = log.with_suffix(".json")
-    res_path.unlink(missing_ok=True)
-    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1", PYTHONPATH=pypath)
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        try:
-            p = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(spec), str(res_path)],
-                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    from repack.serve.child import python_child
+
+    r = python_child(__file__, [mode, json.dumps(spec)], log, timeout, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, ROOT)
+    rc: int | str = "timeout" if r.timed_out or r.rc is None else r.rc
     text = log.read_text(errors="replace")
-    out = json.loads(res_path.read_text()) if res_path.exists() else {}
-    out.update(rc=rc, seconds=round(time.monotonic() - t0, 1), log=text)
+    out = dict(r.result or {})
+    out.update(rc=rc, seconds=round(r.seconds, 1), log=text)
     return out
 
 
@@ -412,7 +404,6 @@ def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int,
     host needs: the family's Triton attention ``backend`` (no FlashInfer), eager mode, a 256-token prefill chunk (so the smoke
     test's long prompt spans several chunks on a GPU whose default chunk is larger) and the port.
     """
-    import signal
     import urllib.request
 
     rec: dict = {"gpus": gpus, "port": port}
@@ -432,12 +423,12 @@ def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int,
     pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
     env = dict(os.environ, VLLM=str(wrapper), PYTHON=sys.executable, PYTHONPATH=pypath)
     t0 = time.monotonic()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["bash", str(script)], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
+    from repack.serve.child import Child
+
+    with Child(["bash", str(script)], log, env, grace=30.0) as proc:  # the group is stopped on leaving
         up = False
-        while time.monotonic() - t0 < timeout and proc.poll() is None:
+        while time.monotonic() - t0 < timeout and proc.alive():
             try:
                 with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
                     up = r.status == 200
@@ -456,14 +447,6 @@ def serve_and_smoke(model: Path, gpus: int, work: Path, port: int, timeout: int,
             except json.JSONDecodeError:
                 rec["smoke_output"] = (sm.stdout + sm.stderr)[-1500:]
             rec["greedy"] = server_greedy(url, prompts(vocab))
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     text = log.read_text(errors="replace")
     rec["marlin_line"] = MARLIN_LINE in text
     rec["log_tail"] = "\n".join(text.splitlines()[-300:])
@@ -476,7 +459,7 @@ def server_greedy(url: str, pr: dict, max_tokens: int = 24) -> dict:
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
         model = json.loads(r.read())["data"][0]["id"]
-    out = {}
+    out: dict[str, dict] = {}
     for name in ("short_17", "long_700", "long_700_plus_40"):
         body = {"model": model, "prompt": pr["round1"].get(name) or pr["round2"][name], "max_tokens": max_tokens,
                 "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True, "ignore_eos": True}
@@ -533,6 +516,7 @@ def judge(run: dict, refs: dict[str, dict], tol: float) -> dict:
                 name.startswith("tp1"))
         if best is None or rank > best[0]:
             best = (rank, c)
+    assert best is not None
     return best[1]
 
 
@@ -701,7 +685,7 @@ def main() -> int:
         pr = prompts(built.vocab)
         report = run_engines(args, out, pr, built)
     engines = report["engines"]
-    info = next((e["info"] for e in engines.values() if isinstance(e, dict) and "info" in e), {})
+    info: dict = next((e["info"] for e in engines.values() if isinstance(e, dict) and "info" in e), {})
     version = tuple(report.get("vllm_release") or vllm_version() or ())
     expect = expectations(version or None, tuple(info["cc"]) if info.get("cc") else None)
     rows = evaluate(engines, pr, strict, expect)

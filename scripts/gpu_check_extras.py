@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.gpu_check import compare, describe, judge, write_reference  # noqa: E402
+from scripts.gpu_check import describe, judge, write_reference  # noqa: E402
 
 DTYPE = "float16"
 TOL = 0.05  # nats, float16 (docs/validation.md)
@@ -49,6 +48,7 @@ def build(work: Path) -> dict:
     """Sources, conversions and the dense float reference under ``work``; returns their paths and timings."""
     from repack.convert import convert
     from repack.plan import Options
+    from repack.run import RunConfig
     from repack.synth import TinySpec, write_checkpoint
 
     t0 = time.monotonic()
@@ -67,7 +67,7 @@ def build(work: Path) -> dict:
     ]
     for s, d, opts in jobs:
         if not (paths[d] / "w3repack.json").exists():
-            convert(paths[s], paths[d], opts, overwrite=True)
+            convert(paths[s], paths[d], opts, RunConfig(overwrite=True))
     if not (paths["v32_dense_ref"] / "config.json").exists():
         write_dense_reference(paths["v32_src"], paths["v32_dense_ref"])
     return {"paths": {k: str(v) for k, v in paths.items()}, "build_seconds": round(time.monotonic() - t0, 1)}
@@ -200,7 +200,7 @@ def child_generate(spec: dict) -> dict:
             m = _spec_metrics(llm)
             out["spec_metrics"] = m
             drafts, accepted = _counter(m, "num_draft_tokens"), _counter(m, "num_accepted_tokens")
-            if drafts:
+            if drafts and accepted is not None:
                 out["acceptance_rate"] = round(accepted / drafts, 4)
         except Exception as e:  # noqa: BLE001 - metrics are information, not the check
             out["metrics_error"] = f"{type(e).__name__}: {e}"[:500]
@@ -209,20 +209,13 @@ def child_generate(spec: dict) -> dict:
 
 def run_child(spec: dict, log: Path, timeout: int) -> dict:
     """One engine in a fresh Python process; its output goes to ``log``."""
-    res_path = log.with_suffix(".json")
-    res_path.unlink(missing_ok=True)
-    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1", PYTHONPATH=pypath)
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), str(res_path)], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    from repack.serve.child import python_child
+
+    r = python_child(__file__, [json.dumps(spec)], log, timeout, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, ROOT)
+    rc: int | str = "timeout" if r.timed_out or r.rc is None else r.rc
     text = log.read_text(errors="replace")
-    out = json.loads(res_path.read_text()) if res_path.exists() else {}
-    out.update(rc=rc, seconds=round(time.monotonic() - t0, 1), error_line=error_line(text) if rc != 0 else "",
+    out = dict(r.result or {})
+    out.update(rc=rc, seconds=round(r.seconds, 1), error_line=error_line(text) if rc != 0 else "",
                log_tail="\n".join(text.splitlines()[-40:]))
     return out
 
@@ -335,7 +328,7 @@ def table(rows: list[dict], env: dict) -> str:
 
 def save(out: Path, report: dict) -> None:
     rows = evaluate(report["engines"])
-    env = next((e["info"] for e in report["engines"].values() if "info" in e), {})
+    env: dict = next((e["info"] for e in report["engines"].values() if "info" in e), {})
     report.update(checks=rows, environment=env,
                   passed=not any(r["status"] == "FAIL" for r in rows) and any(r["status"] == "PASS" for r in rows))
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")

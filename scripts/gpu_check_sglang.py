@@ -114,7 +114,7 @@ def serve_and_generate(name: str, argv: list[str], port: int, out: Path, env: di
         if not rec["up"]:
             rec["error"] = ("timeout" if proc.poll() is None else f"exited rc={proc.returncode}") + ": " + tail(log)
             return rec
-        res = {}
+        res: dict = {}
         for rnd in ("round1", "round2"):
             for p, ids in pr[rnd].items():
                 if dl.left() < 5:
@@ -164,12 +164,11 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL':5} {check}: {detail}", flush=True)
         save(out, report)
 
-    from scripts.gpu_check import build, judge, describe, prompts, write_tokenizer
-
     from repack.errors import UserError
     from repack.serve import planner
     from repack.serve import sglang as sg
     from repack.synth import TinySpec
+    from scripts.gpu_check import build, describe, judge, prompts, write_tokenizer
 
     work = args.work or out.parent / "gpu_check_sglang_work"
     work.mkdir(parents=True, exist_ok=True)
@@ -212,9 +211,9 @@ def main() -> int:
                                    context_length=2048, dtype="float16", extra_args=extra)
         engines[name] = serve_and_generate(name, launch.argv, args.port, out, env, pr, dl, args.max_tokens,
                                            smoke_tokens=1500 if key == "dst" else 0)
-        e = engines[name]
-        row(f"{name} served", bool(e.get("up")) and "results" in e,
-            f"startup {e.get('startup_seconds')} s" + (f"; {e['error']}" if e.get("error") else ""))
+        eng = engines[name]
+        row(f"{name} served", bool(eng.get("up")) and "results" in eng,
+            f"startup {eng.get('startup_seconds')} s" + (f"; {eng['error']}" if eng.get("error") else ""))
     ref, w4 = engines.get("ref-float16", {}).get("results", {}), engines.get("w4-float16", {}).get("results", {})
     if w4:
         row("w4 MoE on Marlin (log mentions marlin)", engines["w4-float16"]["marlin_seen"], "server log")

@@ -132,3 +132,17 @@ def run(argv: list[str], log: Path, timeout: float, env: dict[str, str] | None =
             result = None
     return ChildResult(rc, rc is None, time.monotonic() - c.started, result if isinstance(result, dict) else None,
                        log, tail(log))
+
+
+def python_child(script: str | Path, args: list[str], log: Path, timeout: float, env: dict[str, str] | None = None,
+                 root: Path | None = None) -> ChildResult:
+    """``python SCRIPT --child ARGS... RESULT.json`` as a stoppable child: the GPU scripts' one engine per process.
+
+    The result file is ``log`` with suffix ``.json``; ``root`` (the repository) goes on ``PYTHONPATH`` so the child
+    imports this checkout; output is unbuffered."""
+    import sys
+
+    result = log.with_suffix(".json")
+    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(root) if root else None) if x)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pypath} if pypath else {}), **(env or {})}
+    return run([sys.executable, str(script), "--child", *args, str(result)], log, timeout, full_env, result)

@@ -361,7 +361,8 @@ def allowances(model: Model, req: Request, native: bool = False) -> dict:
     cal = calibration.for_version(req.vllm_version, kernels(req, native), req.gpu.cc_tuple >= (9, 0))
     tokens = req.max_num_batched_tokens or default_batched_tokens(req.gpu)
     c = model.config
-    hidden = c.get("hidden_size") if isinstance(c.get("hidden_size"), int) else cal.ref_hidden
+    hv = c.get("hidden_size")
+    hidden = hv if isinstance(hv, int) else cal.ref_hidden
     layers = max((len(r) for r in stage_layers(model.layers, req.pp)), default=0) or cal.ref_layers
     non_torch, act, graphs = calibration.scaled(cal, layers, hidden, tokens)
     return {
