@@ -253,6 +253,23 @@ def test_plan_and_launch_take_the_rehearsal(source, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith(f"error: {bad}: not a w3repack rehearsal")
 
 
+def test_launch_of_the_converted_folder_takes_the_rehearsal_of_its_source(model, tmp_path):
+    """The rehearsal of the source for 8 x 3090 served the native path's dense-attention conversion: launching that
+    conversion (a header-only replica of what `convert --target native --dense-attention` writes) uses it."""
+    from repack.serve.paths import virtual_output
+
+    out, _ = virtual_output(model, target="native", kv_b_float=False, dense_attention=True)
+    dst = tmp_path / "DeepSeek-V3.2-REAP-345B-native"
+    dst.mkdir()
+    write_sparse(dst / "model.safetensors", [(n, d, list(s)) for n, d, s, _ in out.tensors])
+    (dst / "config.json").write_text(json.dumps(out.config))
+    script = tmp_path / "serve.sh"
+    r = run("launch", dst, *SM86_8X24, "--vllm-version", "0.33.0", "--rehearsal", REHEARSALS / "345b-8x3090-vllm-0.33.0.json",
+            "-o", script, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "native-3bit path" in r.stdout and "--max-model-len 5120" in script.read_text()
+
+
 def test_speed_ratio_from_a_rehearsal_drives_the_recommendation():
     d = json.loads((REHEARSALS / "345b-8xh200-dense-vllm-0.33.0.json").read_text())
     nat = d["paths"][0]
@@ -278,7 +295,7 @@ def test_measured_speed_from_a_rehearsal_recommends_the_repack(source, tmp_path)
     h200 = ["--gpus", "8", "--gpu-memory", "140.4", "--compute-capability", "9.0", "--vllm-version", "0.33.0"]
     r = run("plan", source, *h200, "--rehearsal", f, cwd=tmp_path)
     # the rehearsal served the dense-attention form: a plan of the sparse form (sm90's default) cannot use it
-    assert r.returncode == 2 and "it rehearsed the dense-attention form" in r.stderr
+    assert r.returncode == 2 and "it served native-3bit as DeepseekV3ForCausalLM, this plan serves DeepseekV32ForCausalLM" in r.stderr
     r = run("plan", source, *h200, "--dense-attention", "--rehearsal", f, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)

@@ -203,7 +203,7 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
             f"exact up to index_topk={model.config.get('index_topk')} tokens of context, an approximation beyond")
 
     def path(name: str, m: planner.Model, prep: list[str], bits_: int) -> ServingPath:
-        kv = rehearsal.measured_kv(name, req, dense) if rehearsal is not None else None
+        kv = rehearsal.measured_kv(name, req, (m.config.get("architectures") or ["?"])[0]) if rehearsal else None
         p = planner.plan(m, req, native=name == NATIVE, measured=kv)
         if dense:
             p.warnings.append(note)

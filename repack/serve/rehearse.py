@@ -390,11 +390,8 @@ class Rehearsal:
         loc = self.data["local"]
         return f"rehearsal on {loc.get('gpu')}, vLLM {loc.get('vllm')}, {str(self.data.get('date', '?'))[:10]}"
 
-    def check(self, req: planner.Request, dense: bool = False) -> None:
-        """UserError naming the first fact in which ``req`` (and the attention form) differs from the rehearsal."""
-        if bool(self.data.get("dense_attention")) != dense:
-            form = "the dense-attention form" if self.data.get("dense_attention") else "the sparse-attention form"
-            raise UserError(f"--rehearsal: it rehearsed {form}; plan the same form (--dense-attention / --sparse-attention)")
+    def check(self, req: planner.Request) -> None:
+        """UserError naming the first fact in which ``req`` differs from the rehearsed target."""
         t, mine = self.data["target"], target_of(req).to_json()
         for key in ("tensor_parallel", "gpu_memory_gib", "compute_capability", "gpu_memory_utilization",
                     "max_num_batched_tokens", "kv_cache_dtype", "speculative"):
@@ -405,9 +402,15 @@ class Rehearsal:
     def entry(self, name: str) -> dict | None:
         return next((p for p in self.data["paths"] if p["name"] == name), None)
 
-    def measured_kv(self, name: str, req: planner.Request, dense: bool = False) -> planner.MeasuredKV | None:
-        self.check(req, dense)
+    def measured_kv(self, name: str, req: planner.Request, architecture: str) -> planner.MeasuredKV | None:
+        """vLLM's KV cache for path ``name`` of a plan for ``req`` serving ``architecture`` (the served model's: a
+        DeepSeek-V3.2 model's dense-attention form is DeepseekV3ForCausalLM); UserError where they differ."""
+        self.check(req)
         p = self.entry(name)
+        served = ((p or {}).get("rank_config") or {}).get("architectures") or ["?"]
+        if p is not None and served[0] != architecture:
+            raise UserError(f"--rehearsal: it served {name} as {served[0]}, this plan serves {architecture} (the "
+                            "dense-attention form is DeepseekV3ForCausalLM: --dense-attention / --sparse-attention)")
         m = (p or {}).get("measured") or {}
         eng = m.get("engine") or {}
         if not m.get("served") or eng.get("kv_cache_gib") is None or not m.get("kv_cache_tokens"):
