@@ -46,13 +46,15 @@ def _recipe(recipe: Optional[str], recipe_file: Optional[Path]) -> rc.RecipeRef 
 
 
 def _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe, nodes=1,
-                   cpu_offload_gb=None, speculative=0, extra=None, dense_context=DenseContext.warn, recipe_file=None):
+                   cpu_offload_gb=None, speculative=0, extra=None, dense_context=DenseContext.warn, recipe_file=None,
+                   pipeline_parallel=None, expert_parallel=False):
     from repack.serve.launcher import prepare
     from repack.sources import resolve_local
 
     return prepare(str(resolve_local(model)), gpus, gpu_memory, compute_capability, max_model_len,
                    kv_cache_dtype.value if kv_cache_dtype else None, util, _recipe(recipe, recipe_file), nodes,
-                   cpu_offload_gb, speculative=speculative, extra_args=list(extra or []), dense_context=dense_context.value)
+                   cpu_offload_gb, speculative=speculative, extra_args=list(extra or []), dense_context=dense_context.value,
+                   pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel)
 
 
 def _number(lo: float, hi: float, low_open: bool):
@@ -91,6 +93,9 @@ def _rehearsal(path: Optional[Path]):
 
 _DENSE_ATTN = typer.Option(None, "--dense-attention/--sparse-attention",
                            help="DeepSeek-V3.2 source: plan its dense-attention conversion (default: below sm90 only).")
+_PP = typer.Option(None, "--pipeline-parallel", min=1, max=rc.MAX_GPUS,
+                   help="Pipeline stages (default: one per node); tensor parallel = GPUs x nodes / stages.")
+_EP = typer.Option(False, "--expert-parallel", help="vLLM --enable-expert-parallel: whole routed experts per GPU.")
 _NODES = typer.Option(1, "--nodes", min=1, max=rc.MAX_GPUS, help="Nodes (pipeline parallel size).")
 _SPEC = typer.Option(0, "--speculative", min=0, max=64, help="DeepSeek MTP speculative decoding with N draft tokens (needs the MTP layer).")
 _TRUST = typer.Option(False, "--trust-remote-code", help="Let the engine run the checkpoint's own Python code (config.json auto_map).")
@@ -106,7 +111,8 @@ def plan_cmd(
     gpus: Optional[int] = _GPUS, gpu_memory: Optional[float] = _MEM, compute_capability: Optional[str] = _CC,
     max_model_len: Optional[int] = _LEN, kv_cache_dtype: Optional[KvDtype] = _KV, util: Optional[float] = _UTIL,
     recipe: Optional[str] = _RECIPE, recipe_file: Optional[Path] = _RECIPE_FILE, cpu_offload_gb: Optional[float] = _OFFLOAD,
-    nodes: int = _NODES, speculative: int = _SPEC, vllm_version: Optional[str] = _VLLM,
+    nodes: int = _NODES, pipeline_parallel: Optional[int] = _PP, expert_parallel: bool = _EP,
+    speculative: int = _SPEC, vllm_version: Optional[str] = _VLLM,
     rehearsal: Optional[Path] = _REHEARSAL, dense_attention: Optional[bool] = _DENSE_ATTN,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -114,7 +120,8 @@ def plan_cmd(
     from repack.serve import launcher, paths
 
     m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
-                               nodes, cpu_offload_gb, speculative, recipe_file=recipe_file)
+                               nodes, cpu_offload_gb, speculative, recipe_file=recipe_file,
+                               pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel)
     version = vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM
     _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version)),
                                         dense_attention=dense_attention, rehearsal=_rehearsal(rehearsal)), json_out)
@@ -132,6 +139,7 @@ def launch(
     sglang_version: Optional[str] = typer.Option(None, "--sglang-version", help="SGLang the flags are for (default: installed)."),
     dense_context: DenseContext = _DENSE, rehearsal: Optional[Path] = _REHEARSAL,
     nodes: int = typer.Option(1, "--nodes", min=1, max=rc.MAX_GPUS, help="Nodes: >1 writes the Ray multi-node variant (PP = nodes)."),
+    pipeline_parallel: Optional[int] = _PP, expert_parallel: bool = _EP,
     trust_remote_code: bool = _TRUST,
     force: bool = typer.Option(False, "--force", help="Write the script even if the plan does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o file if it exists (a regular file only)."),
@@ -141,7 +149,8 @@ def launch(
     from repack.serve import shell as sh
 
     m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
-                                 nodes, cpu_offload_gb, speculative, extra, dense_context, recipe_file)
+                                 nodes, cpu_offload_gb, speculative, extra, dense_context, recipe_file,
+                                 pipeline_parallel, expert_parallel)
     if engine is Engine.sglang:
         L = _sglang(m, req, rec, sglang_version, extra, force, trust_remote_code)
         sh.write_script(output, sh.encode(L.script(rec)), overwrite)
@@ -177,6 +186,7 @@ def serve(
     path: PathChoice = _PATH, speculative: int = _SPEC,
     engine: Engine = typer.Option(Engine.vllm, "--engine", help="vllm, or sglang (4-bit only)."),
     dense_context: DenseContext = _DENSE, trust_remote_code: bool = _TRUST,
+    pipeline_parallel: Optional[int] = _PP, expert_parallel: bool = _EP,
     force: bool = typer.Option(False, "--force", help="Start even if the plan does not fit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
 ) -> None:
@@ -186,7 +196,8 @@ def serve(
     from repack.serve import shell as sh
 
     m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
-                                 1, cpu_offload_gb, speculative, extra, dense_context, recipe_file)
+                                 1, cpu_offload_gb, speculative, extra, dense_context, recipe_file,
+                                 pipeline_parallel, expert_parallel)
     if engine is Engine.sglang:
         L = _sglang(m, req, rec, None, extra, force, trust_remote_code)
         argv, env, notes = L.argv, L.env, L.warnings

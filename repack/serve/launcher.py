@@ -97,7 +97,7 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
     With ``nodes > 1``: the Ray variant (``serve.sh head`` on the first node, ``serve.sh worker HEAD_IP``
     on the others). Outside text reaches it only through :mod:`repack.serve.shell`; the engine receives
     ``[$VLLM, serve, $MODEL, *engine_args(...)]`` exactly."""
-    tp, nodes = int(plan.tensor_parallel), int(nodes)
+    tp, nodes = int(plan.gpus // max(1, int(nodes))), int(nodes)  # GPUs per node: TP x the stages on one node
     need_mib = int(plan.gpu.memory_gib * 1024 * 0.98)
     env = sh.check_env(dict(plan.env))
     L = ["#!/usr/bin/env bash"]
@@ -106,7 +106,8 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
         L.append(sh.comment(f"recipe: {recipe['name']} ({recipe.get('description', '')})"))
     g = plan.gpu
     L.append(sh.comment(f"plan: {nodes} node(s) x {tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, "
-                        f"TP {tp}" + (f" x PP {plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else "")))
+                        f"TP {plan.tensor_parallel}" + (f" x PP {plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else "")
+                        + (" with expert parallelism" if plan.expert_parallel else "")))
     L.append(sh.comment(f"weights {plan.weights_gib_per_gpu:.2f} GiB per GPU ({plan.weights_gib_on_gpu:.2f} GiB on the GPU), "
                         f"KV cache {plan.kv_bytes_per_token} bytes per token, {plan.kv_cache_gib:.2f} GiB per GPU"))
     L.append(sh.comment(f"max context {plan.max_model_len} tokens at --gpu-memory-utilization {plan.gpu_memory_utilization:g} "
@@ -169,9 +170,12 @@ def script(model_path: str, plan: planner.MemoryPlan, flags: VersionFlags, nodes
 def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=None, kv_cache_dtype=None,
             utilization=None, recipe_name=None, nodes=1, cpu_offload_gb=None, max_num_batched_tokens=None,
             enforce_eager=False, probe=True, model: planner.Model | None = None, speculative: int = 0,
-            extra_args: list[str] | None = None, dense_context: str = "warn") -> tuple[planner.Model, planner.Request, dict | None]:
+            extra_args: list[str] | None = None, dense_context: str = "warn", pipeline_parallel: int | None = None,
+            expert_parallel: bool = False) -> tuple[planner.Model, planner.Request, dict | None]:
     """Model headers (``model`` if already loaded), the request (options > recipe > nvidia-smi > defaults), the recipe.
 
+    Layout: ``gpus`` per node on ``nodes`` nodes; ``pipeline_parallel`` stages (default: one per node), so tensor
+    parallel = gpus x nodes / stages; ``expert_parallel``: vLLM's ``--enable-expert-parallel``.
     ``extra_args`` (given after ``--``) follow the recipe's. ``dense_context`` for a model converted with
     ``--dense-attention``: ``cap`` limits the context to ``index_topk`` (where the dense computation is exact),
     ``warn`` plans the full context and says beyond which length it is an approximation."""
@@ -181,8 +185,12 @@ def prepare(model_path: str, gpus=None, gpu_memory=None, cc=None, max_model_len=
     if nodes < 1:
         raise UserError("--nodes must be at least 1")
     gpu = planner.resolve_gpu(gpus, gpu_memory, cc, recipe, probe=probe)
+    pp = pipeline_parallel or nodes
+    if pp < nodes or (gpu.count * nodes) % pp:
+        raise UserError(f"--pipeline-parallel {pp}: the {gpu.count * nodes} GPUs ({gpu.count} per node x {nodes} nodes) do not "
+                        f"split into {pp} stages of whole tensor-parallel groups, at least one per node")
     req = planner.Request(
-        tp=gpu.count, gpu=gpu, pp=nodes,
+        tp=gpu.count * nodes // pp, gpu=gpu, pp=pp, ep=expert_parallel,
         max_model_len=max_model_len if max_model_len is not None else sv.get("max_model_len"),
         kv_cache_dtype=kv_cache_dtype or sv.get("kv_cache_dtype", "auto"),
         utilization=utilization if utilization is not None else float(sv.get("gpu_memory_utilization", planner.DEFAULT_UTILIZATION)),

@@ -33,7 +33,8 @@ MARLIN_TILE_N, MARLIN_TILE_K = 64, 128  # Marlin's minimum thread tile: per-rank
 
 @dataclass(frozen=True)
 class Measured:
-    """Decode and prefill tokens/s of the repacked path ÷ the native path, from one bench_serving run."""
+    """Decode and prefill tokens/s of the repacked path ÷ the native path at the shapes of one rank of ``tp`` of a
+    model family (``arch``: the ArchSpec name), on a GPU family."""
 
     gpu_family: str
     tp: int
@@ -42,6 +43,7 @@ class Measured:
     decode: dict[int, float]
     prefill: float
     source: str = "docs/benchmarks.md"
+    arch: str = "deepseek"
 
     @property
     def decode_geomean(self) -> float:
@@ -64,9 +66,9 @@ def gpu_family(cc: str) -> str:
     return f"sm{major}{minor or '0'}"
 
 
-def measured_for(cc: str, tp: int) -> Measured | None:
-    """The rank-shape measurement on this GPU family at this tensor-parallel size, if any."""
-    return next((m for m in MEASURED if m.gpu_family == gpu_family(cc) and m.tp == tp), None)
+def measured_for(cc: str, tp: int, arch: str) -> Measured | None:
+    """The rank-shape measurement of this model family on this GPU family at this tensor-parallel size, if any."""
+    return next((m for m in MEASURED if m.gpu_family == gpu_family(cc) and m.tp == tp and m.arch == arch), None)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class ServingPath:
 
     @property
     def fits(self) -> bool:
-        return self.plan.fits and all(c.ok for c in self.tp_checks)
+        """The plan's one verdict: memory and a layout that splits the model into whole ranks."""
+        return self.plan.fits
 
     def to_json(self) -> dict:
         p = self.plan
@@ -147,9 +150,11 @@ def virtual_output(model: planner.Model, **options) -> tuple[planner.Model, bool
     return model.derived[key]
 
 
-def tp_checks(model: planner.Model, tp: int, bits: int) -> list[TpCheck]:
+def tp_checks(model: planner.Model, tp: int, bits: int, marlin: bool = True, ep: bool = False) -> list[TpCheck]:
     """Whether each rank's slice of attention heads and of every split MLP holds whole quantization groups,
-    whole packed words (``bits``-bit codes along K) and, for 4 bits, whole Marlin tiles."""
+    whole packed words (``bits``-bit codes along K) and, for 4 bits on Marlin, whole Marlin tiles; under expert
+    parallelism the routed experts are whole and not checked. The plan's verdict comes from the same rules applied
+    to every tensor (``sharding.layout_problems``)."""
     c = model.config
     out = []
     heads = int(c.get("num_attention_heads") or 0)
@@ -160,6 +165,8 @@ def tp_checks(model: planner.Model, tp: int, bits: int) -> list[TpCheck]:
     group = int(qc.get("group_size") or 128) if isinstance(qc, dict) else 128
     word = 32 if bits == 3 else 32 // bits if bits else 8  # codes per packing unit along K
     for key, what in (("moe_intermediate_size", "expert"), ("intermediate_size", "dense MLP")):
+        if ep and key == "moe_intermediate_size":
+            continue
         inter = int(c.get(key) or 0)
         if not inter:
             continue
@@ -169,7 +176,7 @@ def tp_checks(model: planner.Model, tp: int, bits: int) -> list[TpCheck]:
         per = inter // tp
         fails = [f"{per} is not a multiple of the group size {group}" if group > 0 and per % group else "",
                  f"{per} does not hold whole {bits}-bit words ({word} codes)" if per % word else ""]
-        if bits == 4:
+        if bits == 4 and marlin:
             fails.append(f"{per} is not a multiple of Marlin's tiles (N {MARLIN_TILE_N}, K {MARLIN_TILE_K})"
                          if per % MARLIN_TILE_N or per % MARLIN_TILE_K else "")
         fails = [f for f in fails if f]
@@ -210,8 +217,9 @@ def plan_paths(model: planner.Model, req: planner.Request, *, vllm_version: str 
         speed = rehearsal.speed_ratio() if rehearsal is not None and name == REPACKED else None
         return ServingPath(name, p, NATIVE_MIN_VLLM if name == NATIVE else REPACKED_MIN_VLLM,
                            kernel(name, req.gpu.cc, vllm_version), prep,
-                           measured=None if name == NATIVE else speed or measured_for(req.gpu.cc, req.tp),
-                           tp_checks=tp_checks(m, req.tp, bits_), model=m)
+                           measured=None if name == NATIVE else speed or measured_for(req.gpu.cc, req.tp, m.spec.name),
+                           tp_checks=tp_checks(m, req.tp, bits_, planner.kernels(req, name == NATIVE) == "marlin", req.ep),
+                           model=m)
 
     if not is_low_bit(model):
         m4, prep = (virtual_output(model, dense_attention=True)[0], [f"w3repack convert MODEL DST{flags}"]) if dense \

@@ -75,7 +75,8 @@ class Request:
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     consumer_pcie: bool | None = None
-    speculative: int = 0  # MTP draft tokens (deepseek_mtp); > 0 loads the MTP layers
+    speculative: int = 0  # MTP draft tokens; > 0 loads the MTP layers
+    ep: bool = False  # vLLM's --enable-expert-parallel: routed experts whole, spread over the TP ranks
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     vllm_version: str | None = None  # picks the calibration of the allowances
@@ -236,7 +237,7 @@ def loaded_bytes(model: Model, name: str, dtype: str, shape: tuple[int, ...], nb
     return nbytes
 
 
-def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weights:
+def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False, ep: bool = False) -> Weights:
     """Bytes of weights each GPU of each pipeline stage holds; MTP layers (``layers.{n}+``) only with ``mtp``,
     on the last stage (vLLM builds the draft model there)."""
     n = model.layers
@@ -245,7 +246,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False) -> Weight
     by_class: dict[str, float] = {}
     skipped = 0
     modules: dict[str, dict] = {}
-    rank = shard(model.spec, model.tensors, Layout(tp))
+    rank = shard(model.spec, model.tensors, Layout(tp, pp, ep))
     for t, (name, dtype, shape, nbytes) in zip(rank, model.tensors, strict=True):
         module, part = t.module, t.part
         m = LAYER_RE.search(name)
@@ -392,7 +393,7 @@ def fit(model: Model, req: Request, weights: Weights | None = None, native: bool
         measured: MeasuredKV | None = None) -> Fit:
     """Weights, KV cache and the longest context on the fullest GPU; ``measured``: the rank's KV cache as vLLM
     allocated it in a rehearsal (used instead of budget − weights − allowances)."""
-    w = weights or weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
+    w = weights or weights_per_gpu(model, req.tp, req.pp, bool(req.speculative), req.ep)
     attn, idx = kv_bytes_per_layer(model, req.tp, req.kv_cache_dtype)
     ranges = stage_layers(model.layers, req.pp) if model.layers else [range(0)] * req.pp
     al = allowances(model, req, native)
@@ -435,11 +436,14 @@ def fit(model: Model, req: Request, weights: Weights | None = None, native: bool
                bool(fits), reason)
 
 
-def vllm_args(req: Request, f: Fit) -> list[str]:
-    """Memory-relevant ``vllm serve`` arguments of a plan (version-specific flags are the launcher's)."""
+def vllm_args(req: Request, f: Fit, spec: ArchSpec | None = None) -> list[str]:
+    """Memory- and layout-relevant ``vllm serve`` arguments of a plan (version-specific flags are the launcher's);
+    ``spec`` names the MTP method for ``--speculative``."""
     args = ["--tensor-parallel-size", str(req.tp)]
     if req.pp > 1:
         args += ["--pipeline-parallel-size", str(req.pp)]
+    if req.ep:
+        args += ["--enable-expert-parallel"]
     if f.max_model_len > 0:
         args += ["--max-model-len", str(f.max_model_len)]
     args += ["--gpu-memory-utilization", f"{req.utilization:g}"]
@@ -452,9 +456,22 @@ def vllm_args(req: Request, f: Fit) -> list[str]:
     if req.enforce_eager:
         args += ["--enforce-eager"]
     if req.speculative:
-        args += ["--speculative-config", json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": req.speculative},
+        method = (spec.speculative_method(req.vllm_version) if spec else None) or "deepseek_mtp"
+        args += ["--speculative-config", json.dumps({"method": method, "num_speculative_tokens": req.speculative},
                                                     separators=(",", ":"))]
     return args + list(req.extra_args)
+
+
+def problems(model: Model, req: Request, native: bool = False) -> list[str]:
+    """What keeps the layout of ``req`` from splitting ``model`` into whole ranks (divisibility, quantization
+    groups, packed words, Marlin's tiles where Marlin runs): [] when it does."""
+    from repack.serve.sharding import layout_problems
+
+    return layout_problems(model.spec, model.tensors, Layout(req.tp, req.pp, req.ep), marlin=kernels(req, native) == "marlin")
+
+
+def layout_text(req: Request) -> str:
+    return f"TP {req.tp}" + (f" x PP {req.pp}" if req.pp > 1 else "") + (" with expert parallelism" if req.ep else "")
 
 
 def warnings_for(model: Model, req: Request, w: Weights, native: bool = False) -> list[str]:
@@ -516,11 +533,15 @@ def alternatives(model: Model, req: Request, f: Fit, native: bool = False) -> li
 
     def add(kind: str, text: str, r: Request) -> None:
         g = fit(model, r, native=native)
-        if g.fits:
+        if g.fits and not problems(model, r, native):
             out.append({"kind": kind, "description": text, "gpus": g.gpus, "tensor_parallel": r.tp,
-                        "pipeline_parallel": r.pp, "weights_gib_per_gpu": g.weights_gib_per_gpu,
+                        "pipeline_parallel": r.pp, "expert_parallel": r.ep, "weights_gib_per_gpu": g.weights_gib_per_gpu,
                         "max_model_len": g.max_model_len, "capacity_tokens": g.capacity_tokens,
-                        "vllm_args": vllm_args(r, g)})
+                        "vllm_args": vllm_args(r, g, model.spec)})
+
+    if not req.ep and model.spec.experts:
+        add("expert-parallel", f"--expert-parallel on the same {req.tp * req.pp} GPUs (vLLM --enable-expert-parallel: "
+            "whole routed experts per GPU; attention and shared experts still split by TP)", replace(req, ep=True))
 
     if req.max_model_len and f.kv_cache_gib > 0 and f.capacity_tokens >= CONTEXT_STEP:
         short = f.capacity_tokens // CONTEXT_STEP * CONTEXT_STEP
@@ -542,7 +563,8 @@ def alternatives(model: Model, req: Request, f: Fit, native: bool = False) -> li
             break
     if req.tp % 2 == 0 and req.tp >= 4:
         r = replace(req, tp=req.tp // 2, pp=req.pp * 2)
-        add("pipeline-parallel-same-gpus", f"same {r.tp * r.pp} GPUs as TP {r.tp} x PP {r.pp} (MLA KV is split by PP, not TP)", r)
+        add("pipeline-parallel-same-gpus", f"same {r.tp * r.pp} GPUs as TP {r.tp} x PP {r.pp} (--pipeline-parallel {r.pp}"
+            + ("; MLA KV is split by PP, not TP)" if model.mla else ")"), r)
     return out
 
 
@@ -580,6 +602,8 @@ class MemoryPlan:
     vllm_args: list[str]
     env: dict[str, str]
     kv_measured: str | None = None  # where the KV figure was measured (a rehearsal), None: planned
+    layout_problems: list[str] = field(default_factory=list)  # why this layout holds no whole ranks
+    expert_parallel: bool = False
 
     @property
     def gpus(self) -> int:
@@ -600,6 +624,7 @@ def plan(model: Model, req: Request, native: bool = False, measured: MeasuredKV 
     w = weights_per_gpu(model, req.tp, req.pp, bool(req.speculative))
     f = fit(model, req, w, native, measured)
     warns = warnings_for(model, req, w, native)
+    bad = problems(model, req, native)
     unknown = unknown_warning(model.config)
     if unknown:
         warns.insert(0, unknown)
@@ -630,11 +655,13 @@ def plan(model: Model, req: Request, native: bool = False, measured: MeasuredKV 
         capacity_tokens=f.capacity_tokens,
         max_model_len=f.max_model_len,
         model_max_position_embeddings=model.max_positions,
-        fits=f.fits,
-        reason=f.reason,
+        fits=f.fits and not bad,
+        reason=f.reason or (f"{layout_text(req)} does not split the model into whole ranks: {bad[0]}" if bad else ""),
         warnings=warns,
-        alternatives=[] if f.fits or measured is not None else alternatives(model, req, f, native),
-        vllm_args=vllm_args(req, f),
+        alternatives=[] if (f.fits and not bad) or measured is not None else alternatives(model, req, f, native),
+        vllm_args=vllm_args(req, f, model.spec),
+        layout_problems=bad,
+        expert_parallel=req.ep,
         env=dict(req.env),
         kv_measured=measured.source if measured else None,
     )

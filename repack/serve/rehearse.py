@@ -27,7 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from repack.errors import FormatError, UserError
 from repack.serve import calibration, child, loadgen, paths, planner, sharding, vllm_log
-from repack.serve.arch import Layout
+from repack.serve.arch import Layout, spec_for
 
 SCHEMA_VERSION = 1
 GIB = 1 << 30
@@ -118,8 +118,9 @@ def prepare(model: planner.Model, req: planner.Request, which: str, vllm_version
     """The serving paths of ``model`` for ``req`` and the rank model of each one asked for (``which``: native,
     repacked or both); UserError where a path cannot run or ``req.tp`` does not split the model.
     ``dense_attention``: serve a DeepSeek-V3.2 model in its dense-attention form (None: below sm90 only)."""
-    if req.pp > 1:
-        raise UserError("rehearse covers one node (tensor parallel only): leave out --nodes")
+    if req.pp > 1 or req.ep:
+        raise UserError("rehearse builds tensor-parallel ranks only (no pipeline stages, no expert parallelism): "
+                        "leave out --nodes / --pipeline-parallel / --expert-parallel")
     report = paths.plan_paths(model, req, vllm_version=vllm_version, dense_attention=dense_attention)
     names = [p.name for p in report.paths]
     wanted = names if which == "both" else [PATH_NAMES[which]]
@@ -436,7 +437,8 @@ class Rehearsal:
                               str(loc.get("vllm")), kernels or "vLLM's choice",
                               {int(b): round(dr[b]["median"] / dn[b]["median"], 3) for b in common},
                               round(pr["median"] / pn["median"], 3) if pr.get("median") and pn.get("median") else 0.0,
-                              source=self.where + " (rank shapes)")
+                              source=self.where + " (rank shapes)",
+                              arch=spec_for(rep.get("rank_config") or {}).name)
 
 
 def record(rp: RankPath, run: PathRun | None) -> dict:

@@ -33,8 +33,8 @@ class RankTensor:
     dtype: str
     shape: tuple[int, ...]
     split: Split
-    dim: int | None          # the dim that is split (None: whole on every rank)
-    fraction: Fraction       # share of that dim one rank holds (1 when whole)
+    dim: int | None          # the dim that is split (None: whole)
+    fraction: Fraction       # share of that dim one rank holds; of the ranks holding it whole, for an expert-parallel expert
 
     @property
     def module(self) -> str:
@@ -70,12 +70,13 @@ class RankTensor:
         return tuple(s)
 
     def share(self, nbytes: float) -> float:
-        """The rank's part of ``nbytes`` (bytes of the whole tensor, in whatever dtype it is held)."""
-        return nbytes * self.fraction if self.dim is not None else nbytes
+        """The rank's part of ``nbytes`` (bytes of the whole tensor, in whatever dtype it is held): an
+        expert-parallel expert counts ``1/tp`` on every rank, the average of whole and absent."""
+        return nbytes * self.fraction
 
 
 def _dim(split: Split, part: str, ndim: int) -> int | None:
-    if split is Split.REPLICATED or ndim == 0:
+    if split in (Split.REPLICATED, Split.EXPERT) or ndim == 0:
         return None
     column = split in COLUMN_LIKE
     if part in ("qweight", "qzeros", "scales"):
@@ -110,9 +111,12 @@ def shard(spec: ArchSpec, tensors: list[tuple[str, str, tuple[int, ...], int]], 
     out = []
     for name, dtype, shape, _ in tensors:
         module, _, part = name.rpartition(".")
-        split = spec.split(module)
+        split = spec.split(module, layout)
         dim = _dim(split, part, len(shape)) if tp > 1 or split is Split.VOCAB else None
-        frac = _fraction(spec, split, width.get(module, shape[0] if shape else 0), tp) if dim is not None else Fraction(1)
+        if split is Split.EXPERT:
+            frac = Fraction(1, tp)
+        else:
+            frac = _fraction(spec, split, width.get(module, shape[0] if shape else 0), tp) if dim is not None else Fraction(1)
         out.append(RankTensor(name, dtype, tuple(shape), split, dim, frac))
     return out
 
@@ -135,10 +139,55 @@ def rank_model(spec: ArchSpec, tensors: list[tuple[str, str, tuple[int, ...], in
     """The one-rank model of ``tensors`` under ``spec``: UserError listing what ``layout`` cannot split."""
     from repack.errors import UserError
 
-    problems = spec.divisibility(layout)
-    rank = shard(spec, tensors, layout)
-    problems += [p for t in rank if (p := t.problem)]
+    problems = layout_problems(spec, tensors, layout)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"TP {layout.tp} does not split this model into whole ranks: " + "; ".join(problems[:3]) + more)
-    return RankModel(spec.rank_config(layout), [(t.name, t.dtype, t.rank_shape or ()) for t in rank])
+    local = spec.experts // layout.tp if layout.ep else None
+    rank = shard(spec, tensors, layout)
+    keep = [t for t in rank if local is None or t.split is not Split.EXPERT or _expert(t.name) < local]
+    return RankModel(spec.rank_config(layout), [(t.name, t.dtype, t.rank_shape or ()) for t in keep])
+
+
+def _expert(name: str) -> int:
+    from repack.serve.arch.base import EXPERT_RE
+
+    m = EXPERT_RE.search(name)
+    return int(m.group(1)) if m else 0
+
+
+def layout_problems(spec: ArchSpec, tensors: list[tuple[str, str, tuple[int, ...], int]], layout: Layout,
+                    marlin: bool = False) -> list[str]:
+    """What keeps ``layout`` from holding whole ranks: config-level divisibility, then each tensor whose split dim
+    does not give a whole number of rows (packed words, quantization groups); with ``marlin``, also 4-bit modules
+    whose per-rank N is not a multiple of 64 or K of 128 (Marlin's smallest tile), one line per module kind."""
+    problems = spec.divisibility(layout)
+    rank = shard(spec, tensors, layout)
+    seen: set[str] = set()
+    for t in rank:
+        p = t.problem
+        if p and _kind(t.name) not in seen:
+            seen.add(_kind(t.name))
+            problems.append(p)
+    if marlin:
+        shapes = {n: sh for n, _, sh, _ in tensors}
+        for t in rank:
+            if t.part != "scales" or len(t.shape) != 2 or t.split in (Split.REPLICATED, Split.VOCAB):
+                continue
+            qz, qw = shapes.get(t.module + ".qzeros"), shapes.get(t.module + ".qweight")
+            shape = t.rank_shape
+            if not qz or not qw or shape is None or not t.shape[1] or 32 * qz[1] // t.shape[1] != 4:
+                continue
+            k, n = shape[0] * (qw[0] * 8 // t.shape[0]), shape[1]  # rank groups x group size, rank N
+            kind = "marlin " + _kind(t.name)
+            if (n % 64 or k % 128) and kind not in seen:
+                seen.add(kind)
+                problems.append(f"{t.module}: {n} x {k} (N x K) per rank is not a multiple of Marlin's tiles (N 64, K 128)")
+    return problems
+
+
+def _kind(name: str) -> str:
+    """A tensor name with layer and expert numbers taken out: one line per kind of module."""
+    import re
+
+    return re.sub(r"\.\d+\.", ".N.", name.rpartition(".")[0])

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from repack.serve.arch.base import ArchSpec, Layout, Split, vocab_rows
 from repack.serve.arch.deepseek import DeepSeekSpec
+from repack.serve.arch.glm4_moe import Glm4MoeSpec
+from repack.serve.arch.qwen3_moe import QwenMoeSpec
 
-SPECS: tuple[type[ArchSpec], ...] = (DeepSeekSpec,)
+SPECS: tuple[type[ArchSpec], ...] = (DeepSeekSpec, Glm4MoeSpec, QwenMoeSpec)
 REGISTRY: dict[str, type[ArchSpec]] = {a: cls for cls in SPECS for a in cls.architectures}
 
-__all__ = ["ArchSpec", "DeepSeekSpec", "Layout", "Split", "spec_for", "unknown_warning", "vocab_rows"]
+__all__ = ["ArchSpec", "DeepSeekSpec", "Glm4MoeSpec", "Layout", "QwenMoeSpec", "Split", "spec_for", "unknown_warning",
+           "vocab_rows"]
 
 
 def architecture(config: dict) -> str:

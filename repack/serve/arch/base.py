@@ -17,6 +17,7 @@ from enum import Enum
 from repack.errors import FormatError
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 VOCAB_PAD = 64  # vLLM's VocabParallelEmbedding pads the vocabulary to a multiple of 64 before splitting it
 
 
@@ -26,22 +27,27 @@ class Split(str, Enum):
     ``column``: the output dim N is split (gate/up, q/k/v, MLA q_b/kv_b); ``row``: the input dim K is split
     (down, o_proj); ``vocab``: the rows of an embedding or LM head, padded to :data:`VOCAB_PAD` first;
     ``kv_heads``: a column split by whole KV heads, each rank holding at least one (heads replicated when there
-    are fewer than ranks); ``replicated``: every rank holds it whole.
+    are fewer than ranks); ``expert``: a routed expert under expert parallelism, whole on one rank of ``tp``;
+    ``replicated``: every rank holds it whole.
     """
 
     COLUMN = "column"
     ROW = "row"
     VOCAB = "vocab"
     KV_HEADS = "kv_heads"
+    EXPERT = "expert"
     REPLICATED = "replicated"
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Tensor parallel ``tp`` (ranks one layer is split over), pipeline parallel ``pp`` (layer ranges)."""
+    """Tensor parallel ``tp`` (ranks one layer is split over), pipeline parallel ``pp`` (layer ranges), ``ep``:
+    vLLM's ``--enable-expert-parallel`` (routed experts whole, spread over the ``tp`` ranks; attention and shared
+    experts still split by TP)."""
 
     tp: int = 1
     pp: int = 1
+    ep: bool = False
 
 
 def positive_int(config: dict, key: str, default: int | None = None, where: str = "config.json") -> int:
@@ -67,6 +73,7 @@ class ArchSpec:
     kv_heads = frozenset({"k_proj", "v_proj"})
     # config keys of widths that tensor parallelism splits, and of head counts
     split_widths = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+    expert_count_keys: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
     mla = False
 
     def __init__(self, config: dict):
@@ -74,8 +81,10 @@ class ArchSpec:
 
     # ---------------------------------------------------------------- tensors
 
-    def split(self, module: str) -> Split:
-        """How the module ``module`` (a tensor name without its last part) is sharded."""
+    def split(self, module: str, layout: Layout | None = None) -> Split:
+        """How the module ``module`` (a tensor name without its last part) is sharded under ``layout``."""
+        if layout is not None and layout.ep and EXPERT_RE.search(module + "."):
+            return Split.EXPERT
         parts = module.split(".")
         leaf = parts[-1]
         if "norm" in leaf or leaf in self.replicated:
@@ -97,6 +106,19 @@ class ArchSpec:
     @property
     def layers(self) -> int:
         return positive_int(self.config, "num_hidden_layers")
+
+    def speculative_method(self, vllm: str | None) -> str | None:
+        """vLLM's ``--speculative-config`` method for this family's MTP layer (None: the family has none)."""
+        return None
+
+    @property
+    def experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        for key in self.expert_count_keys:
+            v = self.config.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return 0
 
     def mtp_layers(self) -> int:
         """MTP (next-n) layers the config declares after the decoder layers."""
@@ -144,15 +166,25 @@ class ArchSpec:
         """What ``layout.tp`` does not divide (attention heads, KV heads, split widths), in words; [] if all."""
         tp = layout.tp
         out = []
+        if layout.ep and self.experts % tp:
+            out.append(f"{self.experts} routed experts are not divisible over {tp} expert-parallel ranks")
         if self.heads % tp:
             out.append(f"num_attention_heads {self.heads} is not divisible by TP {tp}")
         kv = self.kv_head_count
         if not self.mla and kv % tp and tp % kv:
             out.append(f"num_key_value_heads {kv} and TP {tp}: neither divides the other")
+        qc = self.config.get("quantization_config")
+        group = qc.get("group_size") if isinstance(qc, dict) else None
         for key in self.split_widths:
             v = self.config.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % tp:
+            if layout.ep and key == "moe_intermediate_size":
+                continue  # whole experts per rank
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                continue
+            if v % tp:
                 out.append(f"{key} {v} is not divisible by TP {tp}")
+            elif isinstance(group, int) and group > 0 and (v // tp) % group:
+                out.append(f"{key} {v} / TP {tp} = {v // tp} per rank is not a multiple of the quantization group size {group}")
         return out
 
     def rank_config(self, layout: Layout) -> dict:
@@ -165,8 +197,14 @@ class ArchSpec:
             c["num_key_value_heads"] = self.heads // tp if self.mla else self.kv_heads_per_rank(tp)
         for key in self.split_widths:
             v = c.get(key)
+            if layout.ep and key == "moe_intermediate_size":
+                continue
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 c[key] = v // tp
+        if layout.ep:
+            for key in self.expert_count_keys:
+                if isinstance(c.get(key), int) and not isinstance(c[key], bool) and c[key] > 0:
+                    c[key] = c[key] // tp
         if isinstance(c.get("vocab_size"), int):
             c["vocab_size"] = vocab_rows(c["vocab_size"], tp)
         return c
