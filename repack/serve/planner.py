@@ -95,7 +95,16 @@ class Model:
 
     @property
     def spec(self) -> ArchSpec:
-        return spec_for(self.config)
+        if "spec" not in self.derived:
+            self.derived["spec"] = spec_for(self.config)
+        return self.derived["spec"]
+
+    def shard(self, layout: Layout) -> list:
+        """Every tensor's split under ``layout`` (:func:`repack.serve.sharding.shard`), computed once."""
+        key = ("shard", layout)
+        if key not in self.derived:
+            self.derived[key] = shard(self.spec, self.tensors, layout)
+        return self.derived[key]
 
     @property
     def layers(self) -> int:
@@ -246,7 +255,7 @@ def weights_per_gpu(model: Model, tp: int, pp: int, mtp: bool = False, ep: bool 
     by_class: dict[str, float] = {}
     skipped = 0
     modules: dict[str, dict] = {}
-    rank = shard(model.spec, model.tensors, Layout(tp, pp, ep))
+    rank = model.shard(Layout(tp, pp, ep))
     for t, (name, dtype, shape, nbytes) in zip(rank, model.tensors, strict=True):
         module, part = t.module, t.part
         m = LAYER_RE.search(name)
@@ -467,7 +476,10 @@ def problems(model: Model, req: Request, native: bool = False) -> list[str]:
     groups, packed words, Marlin's tiles where Marlin runs): [] when it does."""
     from repack.serve.sharding import layout_problems
 
-    return layout_problems(model.spec, model.tensors, Layout(req.tp, req.pp, req.ep), marlin=kernels(req, native) == "marlin")
+    key = ("problems", Layout(req.tp, req.pp, req.ep), kernels(req, native) == "marlin")
+    if key not in model.derived:
+        model.derived[key] = layout_problems(model.spec, model.tensors, key[1], marlin=key[2], rank=model.shard(key[1]))
+    return list(model.derived[key])
 
 
 def layout_text(req: Request) -> str:

@@ -72,7 +72,7 @@ class RankTensor:
     def share(self, nbytes: float) -> float:
         """The rank's part of ``nbytes`` (bytes of the whole tensor, in whatever dtype it is held): an
         expert-parallel expert counts ``1/tp`` on every rank, the average of whole and absent."""
-        return nbytes * self.fraction
+        return nbytes * self.fraction.numerator / self.fraction.denominator
 
 
 def _dim(split: Split, part: str, ndim: int) -> int | None:
@@ -157,12 +157,12 @@ def _expert(name: str) -> int:
 
 
 def layout_problems(spec: ArchSpec, tensors: list[tuple[str, str, tuple[int, ...], int]], layout: Layout,
-                    marlin: bool = False) -> list[str]:
+                    marlin: bool = False, rank: list[RankTensor] | None = None) -> list[str]:
     """What keeps ``layout`` from holding whole ranks: config-level divisibility, then each tensor whose split dim
     does not give a whole number of rows (packed words, quantization groups); with ``marlin``, also 4-bit modules
     whose per-rank N is not a multiple of 64 or K of 128 (Marlin's smallest tile), one line per module kind."""
     problems = spec.divisibility(layout)
-    rank = shard(spec, tensors, layout)
+    rank = rank if rank is not None else shard(spec, tensors, layout)
     seen: set[str] = set()
     for t in rank:
         p = t.problem

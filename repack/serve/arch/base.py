@@ -78,12 +78,20 @@ class ArchSpec:
 
     def __init__(self, config: dict):
         self.config = config
+        self._splits: dict[tuple[str, bool], Split] = {}
 
     # ---------------------------------------------------------------- tensors
 
     def split(self, module: str, layout: Layout | None = None) -> Split:
         """How the module ``module`` (a tensor name without its last part) is sharded under ``layout``."""
-        if layout is not None and layout.ep and EXPERT_RE.search(module + "."):
+        key = (module, bool(layout and layout.ep))
+        if key not in self._splits:
+            self._splits[key] = self.module_split(module, key[1])
+        return self._splits[key]
+
+    def module_split(self, module: str, ep: bool) -> Split:
+        """:meth:`split` uncached: families override this."""
+        if ep and EXPERT_RE.search(module + "."):
             return Split.EXPERT
         parts = module.split(".")
         leaf = parts[-1]

@@ -28,10 +28,10 @@ class DeepSeekSpec(ArchSpec):
         return ("index_topk" in c or "DeepseekV32ForCausalLM" in (c.get("architectures") or [])
                 or c.get("model_type") == "deepseek_v32")
 
-    def split(self, module: str, layout=None) -> Split:
+    def module_split(self, module: str, ep: bool) -> Split:
         if ".indexer." in module + ".":
             return Split.REPLICATED
-        return super().split(module, layout)
+        return super().module_split(module, ep)
 
     def speculative_method(self, vllm: str | None) -> str | None:
         return "deepseek_mtp"  # measured on vLLM 0.26 and 0.33 (0.33 also takes "mtp")
