@@ -117,11 +117,16 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(data: bytes | str, path: Path, what: str) -> object:
-    """Strict JSON: UTF-8, no duplicate keys, bounded nesting; a FormatError naming ``path`` otherwise."""
+    """Strict JSON: UTF-8, no duplicate keys, no NaN or Infinity, bounded nesting; a FormatError naming ``path``
+    otherwise."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: {what} is not valid JSON ({e})") from e
     except RecursionError as e:
