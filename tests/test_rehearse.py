@@ -433,3 +433,20 @@ def test_no_gpu_no_vllm_not_enough_memory(fake, mode, needle):
 def test_prepare_refuses_pipeline_parallel(model):
     with pytest.raises(UserError, match="no pipeline stages, no expert parallelism"):
         rh.prepare(model, planner.Request(8, planner.Gpu(8, 24.0, "8.6"), pp=2), "both", "0.33.0")
+
+
+def test_output_and_work_are_never_written_through_a_link(fake):
+    src, env, tmp = fake
+    victim = tmp / "victim"
+    victim.write_text("keep")
+    (tmp / "out.json").symlink_to(victim)
+    (tmp / "dangling.json").symlink_to(tmp / "nowhere")
+    (tmp / "wlink").symlink_to(tmp)
+    base = [sys.executable, "-m", "repack", "rehearse", str(src), "--gpus", "1", "--gpu-memory", "24",
+            "--compute-capability", "8.6", "--path", "native"]
+    for extra, needle in (([ "--output", str(tmp / "out.json"), "--work", str(tmp / "w")], "a link is there"),
+                          (["--output", str(tmp / "dangling.json"), "--work", str(tmp / "w")], "a link is there"),
+                          (["--output", str(tmp / "r.json"), "--work", str(tmp / "wlink")], "--work")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, env=env, cwd=tmp, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert victim.read_text() == "keep" and not (tmp / "nowhere").exists() and not (tmp / "record.jsonl").exists()

@@ -54,6 +54,8 @@ def rehearse_cmd(
     if dry_run:
         _output.json_or_lines(rh.dry_run(req, ranks), json_out)
         return
+    if output.is_symlink():
+        raise UserError(f"--output {output}: a link is there; refused (rehearse writes a regular file)")
     previous = rh.Rehearsal.load(output) if append and output.exists() else None
     if output.exists() and not append:
         raise UserError(f"{output}: exists; choose another --output, or --append to add to it")

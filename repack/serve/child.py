@@ -37,7 +37,8 @@ class Child:
                  grace: float = 10.0):
         self.argv, self.log, self.grace = list(argv), log, grace
         self.started = time.monotonic()
-        with open(log, "wb") as f:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)  # never a link
+        with os.fdopen(fd, "wb") as f:
             self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=cwd, start_new_session=True)
 

@@ -296,6 +296,8 @@ def run_path(rp: RankPath, target: Target, local: LocalGpu, work: Path, python: 
     """Write the rank model under ``work``, serve it, read vLLM's report, measure speed; the model is removed
     again unless ``keep``."""
     rank_dir = work / f"rank-{rp.name}"
+    if rank_dir.is_symlink() or (rank_dir.exists() and not (rank_dir / "config.json").is_file()):
+        raise UserError(f"--work: {rank_dir} exists and is not a rank model rehearse wrote; move it away")
     if rank_dir.exists():
         shutil.rmtree(rank_dir)
     from repack.synth import write_random_checkpoint
@@ -307,7 +309,7 @@ def run_path(rp: RankPath, target: Target, local: LocalGpu, work: Path, python: 
         args, env_extra, notes = engine_args(rp, target, local, local.vllm, rank_dir, port)
         argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", *args]
         cfg = work / "vllm-logging.json"
-        cfg.write_text(json.dumps(vllm_log.LOGGING_CONFIG))
+        _write_file(cfg, json.dumps(vllm_log.LOGGING_CONFIG).encode())
         env = {**os.environ, **rp.path.plan.env, **env_extra, "VLLM_LOGGING_CONFIG_PATH": str(cfg),
                "PYTHONUNBUFFERED": "1"}
         run = PathRun(rp.name, ["vllm", "serve", *args], {**rp.path.plan.env, **env_extra}, notes)
@@ -457,6 +459,8 @@ def rehearse(model_label: str, model: planner.Model, req: planner.Request, ranks
              python: str | None = None, progress=None, dense_attention: bool = False) -> Rehearsal:
     """Run every rank in ``ranks`` (one engine at a time), writing ``output`` after each; the rehearsal."""
     python = python or sys.executable
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise UserError(f"--work {work}: not a folder (a link or a file is there); give a folder for the rank models")
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
     need = sum(r.scratch_bytes for r in ranks) if keep else max(r.scratch_bytes for r in ranks)
@@ -492,9 +496,15 @@ def rehearse(model_label: str, model: planner.Model, req: planner.Request, ranks
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """``rehearsal.json`` (the first write creates it, later ones replace it whole)."""
+    _write_file(path, (json.dumps(data, indent=1) + "\n").encode(), "--output")
+
+
+def _write_file(path: Path, data: bytes, option: str = "--work") -> None:
+    """A file rehearse writes, never through a link (:func:`repack.serve.shell.write_script`)."""
+    from repack.serve.shell import write_script
+
+    write_script(path, data, overwrite=True, mode=0o644, option=option)
 
 
 def _tool_version() -> str:

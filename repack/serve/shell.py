@@ -174,14 +174,16 @@ _KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder", stat.S_IFIF
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
-def write_script(path: Path, data: bytes, overwrite: bool = False) -> None:
-    """Write an executable launcher at ``path`` without following a link there.
+def write_script(path: Path, data: bytes, overwrite: bool = False, mode: int = 0o755, option: str = "-o") -> None:
+    """Write an executable launcher (or, with ``mode``, any file w3repack writes) at ``path`` without following a
+    link there.
 
     New file: created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (nothing that exists at ``path``, a dangling link
-    included, is opened), mode 755 set on that descriptor. ``overwrite``: only a regular file is replaced, by a new
-    file renamed over it (the old file's inode, mode and links are left alone). UserError for anything else."""
+    included, is opened), ``mode`` set on that descriptor. ``overwrite``: only a regular file is replaced, by a new
+    file renamed over it (the old file's inode, mode and links are left alone). UserError for anything else, naming
+    ``option``."""
     path = Path(path)
-    where = f"-o {printable(str(path))}"
+    where = f"{option} {printable(str(path))}"
     parent, name = path.parent, path.name
     if name in ("", ".", ".."):
         raise UserError(f"{where}: names a folder, not a file")
@@ -207,7 +209,7 @@ def write_script(path: Path, data: bytes, overwrite: bool = False) -> None:
             if not overwrite:
                 raise UserError(f"{where}: the file exists; --overwrite replaces it")
         tmp = name if st is None else f".{name}.w3repack-{os.getpid()}.tmp"
-        _create(dfd, tmp, data, where if tmp == name else f"{where} (its temporary file {printable(tmp)})")
+        _create(dfd, tmp, data, where if tmp == name else f"{where} (its temporary file {printable(tmp)})", mode)
         if tmp != name:
             try:
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -218,7 +220,7 @@ def write_script(path: Path, data: bytes, overwrite: bool = False) -> None:
         os.close(dfd)
 
 
-def _create(dfd: int, name: str, data: bytes, where: str) -> None:
+def _create(dfd: int, name: str, data: bytes, where: str, mode: int = 0o755) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, 0o700, dir_fd=dfd)
@@ -231,7 +233,7 @@ def _create(dfd: int, name: str, data: bytes, where: str) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fchmod(fd, 0o755)
+        os.fchmod(fd, mode)
     except OSError as e:
         os.close(fd)
         _unlink(dfd, name)
