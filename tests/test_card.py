@@ -90,10 +90,10 @@ def test_serve_command_when_no_generic_setup_fits(converted, monkeypatch):
     model = planner.load_model(converted)
     # the smallest card on which the plan at 0.9 does not fit, but an alternative (0.95, or PP) does
     mem = next(m / 100 for m in range(80, 600) if not (p := planner.plan(model, planner.Request(
-        tp=8, gpu=planner.Gpu(8, m / 100, "9.0")))).fits and p.alternatives)
-    monkeypatch.setattr(card, "GENERIC", [(2, mem, "9.0"), (8, mem, "9.0"), (4, mem, "9.0")])
+        tp=1, gpu=planner.Gpu(1, m / 100, "9.0")))).fits and p.alternatives)
+    monkeypatch.setattr(card, "GENERIC", [(1, mem, "9.0")])
     text = card.build_card(converted, REPO)
-    req = planner.Request(tp=8, gpu=planner.Gpu(8, mem, "9.0"))
+    req = planner.Request(tp=1, gpu=planner.Gpu(1, mem, "9.0"))
     p = planner.plan(model, req)
     assert not p.fits and p.alternatives
     argv = launcher.command(REPO, p, launcher.version_flags(launcher.DEFAULT_VLLM, model, req.gpu))
