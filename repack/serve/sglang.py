@@ -389,7 +389,7 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     mem = memory(weights_gib_per_gpu, kv_bytes_per_token(f, tp), gpu, tp, mem_fraction_static=mem_fraction_static,
                  context_length=context_length, cpu_offload_gb=cpu_offload_gb, model_max_positions=f.max_positions,
                  mla=f.mla, cuda_graph=not disable_cuda_graph)
-    if mem.slack_gib < mem.reserve_gib:
+    if mem.mem_fraction_static > mem.sglang_default_fraction:  # SGLang's default leaves its own reserve by definition
         warnings.append(f"--mem-fraction-static {mem.mem_fraction_static:g} leaves {mem.slack_gib:.2f} GiB for activations "
                         f"and CUDA graphs; SGLang's own estimate is {mem.reserve_gib:.2f} GiB (its default here: "
                         f"{mem.sglang_default_fraction:g})")
