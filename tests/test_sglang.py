@@ -168,3 +168,15 @@ def test_refuses_3bit_source_and_quantized_kv_b(tiny, replica, tmp_path):
     with pytest.raises(UserError, match="1 quantized kv_b_proj modules; SGLang's DeepSeek loader dequantizes them as AWQ"):
         sg.check_model(m)
 
+
+
+def test_reserve_warning_only_above_sglangs_default(tiny):
+    """SGLang's default fraction leaves its own reserve by definition (it is computed from it); before, the launcher
+    compared that reserve with the slack of a smaller pre-load figure and warned on every default launch."""
+    _, dst = tiny
+    h100 = planner.Gpu(1, 80.0, "9.0", "NVIDIA H100 80GB HBM3")
+    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.17", context_length=2048)
+    assert L.memory.mem_fraction_static == 0.817 and not any("for activations and CUDA graphs" in w for w in L.warnings)
+    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.17", context_length=2048, mem_fraction_static=0.9)
+    assert any(w.startswith("--mem-fraction-static 0.9 leaves 7.95 GiB for activations and CUDA graphs; SGLang's own "
+                            "estimate is 14.62 GiB (its default here: 0.817)") for w in L.warnings), L.warnings

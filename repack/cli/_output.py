@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from repack.convert import Result
     from repack.demo import DemoResult
     from repack.report import InspectReport
+    from repack.serve.engines import Launch
     from repack.serve.paths import PathsReport, ServingPath
     from repack.serve.planner import MemoryPlan
-    from repack.serve.sglang import SglangLaunch
     from repack.serve.smoke import Report as SmokeReport
     from repack.verify import Report
 
@@ -224,15 +224,11 @@ def warnings(lines: list[str]) -> None:
         ui.err.print(ui.printable(f"warning: {w}"), markup=False)
 
 
-def launcher_written(output: object, p: MemoryPlan, vllm_version: str, nodes: int, path: str, notes: list[str]) -> None:
-    ui.out.print(ui.printable(f"wrote {output}: {path} path, {p.gpus} GPUs, max context {p.max_model_len}, flags for vLLM {vllm_version}"
-                              + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others" if nodes > 1 else "")),
-                 markup=False)
-    warnings(p.warnings + notes)
-
-
-def sglang_written(output: object, launch: SglangLaunch) -> None:
-    ui.out.print(ui.printable(f"wrote {output}: SGLang {launch.version}, {launch.tp} GPUs, context {launch.memory.context_length}"),
+def launch_written(output: object, launch: Launch) -> None:
+    ui.out.print(ui.printable(f"wrote {output}: {launch.path} path, {launch.gpus} GPUs, max context {launch.memory.context}, "
+                              f"flags for {launch.label} {launch.version}"
+                              + (f"; run `{output} head` on the first node, `{output} worker HEAD_IP` on the others"
+                                 if launch.nodes > 1 else "")),
                  markup=False)
     warnings(launch.warnings)
 

@@ -25,6 +25,8 @@ class PathChoice(str, Enum):
 
 
 class Engine(str, Enum):
+    """The ``--engine`` choices: the names of ``repack.serve.engines.ENGINES``."""
+
     vllm = "vllm"
     sglang = "sglang"
 
@@ -117,14 +119,26 @@ def plan_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan GPU memory for vLLM: both serving paths of a 3-bit source side by side, and the one to take."""
-    from repack.serve import launcher, paths
+    from repack.serve import engines, paths
 
     m, req, _ = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
                                nodes, cpu_offload_gb, speculative, recipe_file=recipe_file,
                                pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel)
-    version = vllm_version or launcher.installed_vllm() or launcher.DEFAULT_VLLM
-    _output.paths_plan(paths.plan_paths(m, req, vllm_version=str(launcher.parse_version(version)),
+    _output.paths_plan(paths.plan_paths(m, req, vllm_version=engines.engine_for("vllm").version(vllm_version),
                                         dense_attention=dense_attention, rehearsal=_rehearsal(rehearsal)), json_out)
+
+
+def _engine(engine: Engine, versions: dict[str, Optional[str]]):
+    """The engine chosen and the version its flags are for (from its own version option; another engine's
+    version option given is refused rather than ignored)."""
+    from repack.serve import engines
+
+    eng = engines.engine_for(engine.value)
+    for option, value in versions.items():
+        if value is not None and option != eng.version_option:
+            raise UserError(f"{option} {value}: the launch is for --engine {eng.name}, whose flags are chosen with "
+                            f"{eng.version_option}")
+    return eng, versions.get(eng.version_option)
 
 
 def launch(
@@ -145,36 +159,16 @@ def launch(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o file if it exists (a regular file only)."),
 ) -> None:
     """Write an executable bash launcher: preflight checks, then exec the engine with the planned flags."""
-    from repack.serve import launcher
     from repack.serve import shell as sh
 
+    eng, version = _engine(engine, {"--vllm-version": vllm_version, "--sglang-version": sglang_version})
     m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
                                  nodes, cpu_offload_gb, speculative, extra, dense_context, recipe_file,
                                  pipeline_parallel, expert_parallel)
-    if engine is Engine.sglang:
-        L = _sglang(m, req, rec, sglang_version, extra, force, trust_remote_code)
-        sh.write_script(output, sh.encode(L.script(rec)), overwrite)
-        _output.sglang_written(output, L)
-        return
-    sel = launcher.select(m, req, path.value, vllm_version, force, _rehearsal(rehearsal))
-    text = launcher.script(str(m.root.resolve()), sel.plan, sel.flags, nodes, rec, trust_remote_code)
-    sh.write_script(output, sh.encode(text), overwrite)
-    _output.launcher_written(output, sel.plan, sel.flags.version, nodes, sel.path.name, sel.flags.notes)
-
-
-def _sglang(m, req, rec, version, extra, force, trust_remote_code=False):
-    from repack.serve import planner
-    from repack.serve import sglang as sg
-
-    sg.check_model(m)
-    weights = planner.plan(m, req).weights_gib_per_gpu
-    kw = dict(version=version, extra_args=list(extra or []), context_length=req.max_model_len,
-              trust_remote_code=trust_remote_code)
-    L = (sg.from_recipe(str(m.root.resolve()), m, weights, rec, **kw) if rec else
-         sg.sglang_command(str(m.root.resolve()), m, weights, req.gpu, req.tp, env=dict(req.env), **kw))
-    if not L.memory.fits and not force:
-        raise UserError(f"the SGLang plan does not fit: {L.memory.reason} (--force writes it anyway)")
-    return L
+    L = eng.plan(m, req, path=path.value, version=version, force=force, rehearsal=_rehearsal(rehearsal),
+                 trust_remote_code=trust_remote_code, nodes=nodes, recipe=rec)
+    sh.write_script(output, sh.encode(eng.script(L, rec)), overwrite)
+    _output.launch_written(output, L)
 
 
 def serve(
@@ -195,22 +189,17 @@ def serve(
     from repack.serve import launcher
     from repack.serve import shell as sh
 
+    eng, _ = _engine(engine, {})
     m, req, rec = _serve_request(model, gpus, gpu_memory, compute_capability, max_model_len, kv_cache_dtype, util, recipe,
                                  1, cpu_offload_gb, speculative, extra, dense_context, recipe_file,
                                  pipeline_parallel, expert_parallel)
-    if engine is Engine.sglang:
-        L = _sglang(m, req, rec, None, extra, force, trust_remote_code)
-        argv, env, notes = L.argv, L.env, L.warnings
-    else:
-        sel = launcher.select(m, req, path.value, None, force)
-        argv = launcher.command(str(m.root.resolve()), sel.plan, sel.flags, trust_remote_code=trust_remote_code)
-        env, notes = sel.plan.env, sel.plan.warnings + sel.flags.notes
-    sh.check_env(dict(env))
-    _output.warnings(notes)
+    L = eng.plan(m, req, path=path.value, force=force, trust_remote_code=trust_remote_code, recipe=rec)
+    sh.check_env(dict(L.env))
+    _output.warnings(L.warnings)
     if dry_run:
-        _output.serve_command(env, argv)
+        _output.serve_command(L.env, L.argv)
         return
-    launcher.exec_serve(argv, env)
+    launcher.exec_serve(L.argv, L.env)
 
 
 def smoke(

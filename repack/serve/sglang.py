@@ -1,18 +1,25 @@
 """``python -m sglang.launch_server`` command lines, bash launchers and SGLang's memory rule for a converted model.
 
-Read from the SGLang 0.5.10-0.5.23 sources (not measured unless docs/serving.md says so):
+Read from the SGLang 0.5.10-0.5.23 sources (not measured unless docs/serving.md says so), for the architectures
+in :data:`ARCHITECTURES` (DeepSeek-V2/V3/V3.2 with MLA; GLM-4.5+ MoE and Qwen2/Qwen3 MoE with GQA):
 
 - SGLang loads 4/8-bit symmetric GPTQ and ``auto-round`` (``auto_round:auto_gptq``) checkpoints through
   ``gptq_marlin``; a 3-bit module gets the removed non-Marlin GPTQ kernel (``RuntimeError: The non-Marlin GPTQ
   CUDA kernel has been removed``) or ``moe_wna16`` (4/8 bits only). :func:`check_model` refuses such a checkpoint.
 - Its DeepSeek loader dequantizes any ``kv_b_proj`` that has a ``qweight`` as AWQ, which misreads GPTQ packing:
-  only a float ``kv_b_proj`` (``w3repack convert --kv-b-float``, the default) is served correctly.
+  only a float ``kv_b_proj`` (``w3repack convert --kv-b-float``, the default) is served correctly (MLA only).
 - ``GPTQMarlinMoEScheme`` allocates the expert scales as float16 whatever the model dtype, and the Marlin MoE
   kernel asserts ``hidden_states.dtype == w1_scale.dtype`` (sglang issues #20599, #36822): a bf16 model fails at
   the first forward. ``--dtype float16`` avoids it, and costs nothing: the checkpoint's scales are float16.
 - The same scheme sizes ``w2_scales`` for the full intermediate size when ``desc_act`` is false, so under MoE
   tensor parallelism the kernel derives ``group_size = size_k // num_groups`` from a table ``moe_tp_size`` times
   too tall. ``--ep-size`` equal to the TP size makes ``moe_tp_size`` 1 (whole experts per GPU), where the sizes agree.
+  Both quirks are in the quantization scheme, not in a model file: they hold for every family here. Attention and
+  shared experts stay split by TP (GLM disables its shared-expert fusion under expert parallelism on NVIDIA GPUs),
+  so the layout is :class:`~repack.serve.arch.Layout` ``(tp, ep=True)``, checked like vLLM's (groups, packed words,
+  Marlin tiles) by :func:`repack.serve.sharding.layout_problems`.
+- KV cache: MLA caches ``kv_lora_rank + qk_rope_head_dim`` values per token per layer on every GPU; GQA (SGLang's
+  ``MHATokenToKVPool``) caches K and V of ``max(1, kv_heads // tp)`` heads of ``head_dim`` per layer.
 
 Memory (SGLang's rule, ``_profile_available_bytes``): with ``P`` the free memory a GPU has before the model loads,
 the KV pool is ``mem_fraction_static * P - weights on the GPU``; activations and CUDA graphs must fit in the rest,
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 from repack.errors import UserError
 from repack.serve import planner
 from repack.serve import shell as sh
+from repack.serve.arch import ArchSpec, Layout
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
@@ -45,6 +53,9 @@ FP16_REASON = ("float16: SGLang's GPTQ Marlin MoE allocates expert scales as flo
                "scales are float16, so nothing is rounded")
 EP_REASON = ("--ep-size {tp}: SGLang's GPTQ Marlin MoE sizes w2_scales for the full intermediate size when desc_act is "
              "false, which is wrong under MoE tensor parallelism; whole experts per GPU (moe_tp_size 1) avoid it")
+ARCHITECTURES = {  # config.json architectures[0] -> SGLang's model file
+    "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v2", "DeepseekV32ForCausalLM": "deepseek_v2",
+    "Glm4MoeForCausalLM": "glm4_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen2MoeForCausalLM": "qwen2_moe"}
 
 
 # ---------------------------------------------------------------- versions
@@ -78,16 +89,18 @@ def check_version(v: str) -> str:
 @dataclass(frozen=True)
 class ModelFacts:
     """What the launch depends on, from config.json and the shard headers (no tensor data)."""
-    quant_bits: dict[int, int]       # bits -> number of quantized modules
-    quantized_kv_b: int
-    moe_quantized: bool              # routed experts are GPTQ-packed: the Marlin MoE path
-    mla: bool
-    dsa: bool                        # DeepSeek sparse attention: SGLang's test is ``index_topk`` in the config
-    remote_code: bool                # config.json has auto_map
-    layers: int
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    max_positions: int
+    architecture: str                # config.json architectures[0]
+    spec: ArchSpec = field(repr=False, compare=False)  # KV heads, head_dim, sharding (repack.serve.arch)
+    quant_bits: dict[int, int] = field(default_factory=dict)  # bits -> number of quantized modules
+    quantized_kv_b: int = 0
+    moe_quantized: bool = False      # routed experts are GPTQ-packed: the Marlin MoE path
+    mla: bool = False
+    dsa: bool = False                # DeepSeek sparse attention: SGLang's test is ``index_topk`` in the config
+    remote_code: bool = False        # config.json has auto_map
+    layers: int = 0
+    kv_lora_rank: int = 0            # MLA only
+    qk_rope_head_dim: int = 0        # MLA only
+    max_positions: int = 0
 
 
 def facts(model: planner.Model) -> ModelFacts:
@@ -111,15 +124,19 @@ def facts(model: planner.Model) -> ModelFacts:
         bits[b] = bits.get(b, 0) + 1
         kv_b += module.endswith("kv_b_proj")
         moe_q = moe_q or ".experts." in module
-    return ModelFacts(dict(sorted(bits.items())), kv_b, moe_q, model.mla, c.get("index_topk") is not None,
-                      "auto_map" in c, n, int(c.get("kv_lora_rank") or 0), int(c.get("qk_rope_head_dim") or 0),
-                      model.max_positions)
+    arch = (c.get("architectures") or ["?"])[0]
+    return ModelFacts(str(arch), model.spec, dict(sorted(bits.items())), kv_b, moe_q, model.mla,
+                      c.get("index_topk") is not None, "auto_map" in c, n, int(c.get("kv_lora_rank") or 0),
+                      int(c.get("qk_rope_head_dim") or 0), model.max_positions)
 
 
 def check_model(model: planner.Model, f: ModelFacts | None = None) -> ModelFacts:
-    """UserError (one line) if stock SGLang cannot serve ``model`` correctly: modules that are not 4/8-bit, or a
-    quantized DeepSeek ``kv_b_proj``."""
+    """UserError (one line) if stock SGLang cannot serve ``model`` correctly: an architecture this launcher has no
+    SGLang rules for, modules that are not 4/8-bit, or a quantized DeepSeek ``kv_b_proj``."""
     f = f or facts(model)
+    if f.architecture not in ARCHITECTURES:
+        raise UserError(f"{model.root}: architecture {f.architecture}: the SGLang launcher has rules for "
+                        f"{', '.join(sorted(ARCHITECTURES))} only (launch it with --engine vllm)")
     low = {b: k for b, k in f.quant_bits.items() if b not in (4, 8)}
     if low:
         what = ", ".join(f"{k} modules at {b} bits" for b, k in low.items())
@@ -131,12 +148,15 @@ def check_model(model: planner.Model, f: ModelFacts | None = None) -> ModelFacts
     return f
 
 
-def kv_bytes_per_token(f: ModelFacts, kv_dtype_bytes: int = 2) -> int:
-    """SGLang's MLA cell size: ``(kv_lora_rank + qk_rope_head_dim) * layers * dtype bytes`` on every GPU (attention
-    TP does not split it), plus the DSA indexer's 132 bytes per layer when ``index_topk`` is set."""
-    if not f.mla:
-        raise UserError("the SGLang launcher plans DeepSeek MLA models only")
-    per_layer = (f.kv_lora_rank + f.qk_rope_head_dim) * kv_dtype_bytes + (DSA_INDEXER_BYTES if f.dsa else 0)
+def kv_bytes_per_token(f: ModelFacts, tp: int = 1, kv_dtype_bytes: int = 2) -> int:
+    """SGLang's cell size on one of ``tp`` GPUs. MLA: ``(kv_lora_rank + qk_rope_head_dim) * layers * dtype bytes``
+    on every GPU (attention TP does not split it), plus the DSA indexer's 132 bytes per layer when ``index_topk`` is
+    set. GQA: K and V of the GPU's KV heads (``kv_heads // tp``, at least one: heads are replicated when there are
+    fewer than GPUs) of ``head_dim`` values, per layer."""
+    if f.mla:
+        per_layer = (f.kv_lora_rank + f.qk_rope_head_dim) * kv_dtype_bytes + (DSA_INDEXER_BYTES if f.dsa else 0)
+    else:
+        per_layer = 2 * f.spec.kv_heads_per_rank(tp) * f.spec.head_dim * kv_dtype_bytes
     return per_layer * f.layers
 
 
@@ -266,17 +286,35 @@ class SglangLaunch:
     attention_backend: str | None
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layout_problems: list[str] = field(default_factory=list)  # why this TP (and EP) layout holds no whole ranks
+    ep_size: int = 1                 # --ep-size: routed experts whole, over ep_size GPUs
 
     @property
     def after_model(self) -> list[str]:
         return self.argv[len(HEAD) + 1:]
 
+    @property
+    def fits(self) -> bool:
+        """The one verdict: the memory fits and the layout splits the model into whole ranks."""
+        return self.memory.fits and not self.layout_problems
+
+    @property
+    def reason(self) -> str:
+        """Why not: the memory first (as the vLLM plan says it), then the layout."""
+        if self.memory.fits and self.layout_problems:
+            return (f"TP {self.tp}" + (f" with --ep-size {self.ep_size}" if self.ep_size > 1 else "")
+                    + f" does not split the model into whole ranks: {self.layout_problems[0]}")
+        return self.memory.reason
+
     def script(self, recipe: dict | None = None) -> str:
         return script(self, recipe)
 
 
-def attention_backend_for(cc: tuple[int, int], dsa: bool) -> tuple[str | None, str]:
-    """SGLang's MLA backend for a compute capability, and why. None: leave SGLang's own choice."""
+def attention_backend_for(cc: tuple[int, int], dsa: bool, mla: bool = True) -> tuple[str | None, str]:
+    """SGLang's MLA backend for a compute capability, and why. None: leave SGLang's own choice (always for GQA)."""
+    if not mla:
+        return None, ("attention backend left to SGLang: its own default for GQA, FA3 on Hopper for Glm4Moe and Qwen3Moe "
+                      "(is_fa3_default_architecture), else FlashInfer (Triton without it)")
     if dsa:
         return None, ("attention backend left to SGLang: index_topk in the config selects its DSA (sparse) backend, "
                       "whose CUDA kernels (flashmla_sparse prefill, fa3 decode) need sm90+")
@@ -301,14 +339,16 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
                    cpu_offload_gb: int | None = None, dtype: str | None = None, attention_backend: str | None = None,
                    disable_cuda_graph: bool = False, consumer_pcie: bool | None = None,
                    env: dict[str, str] | None = None, python: str = "python3",
-                   extra_args: list[str] | tuple[str, ...] = (), trust_remote_code: bool = False) -> SglangLaunch:
+                   extra_args: list[str] | tuple[str, ...] = (), trust_remote_code: bool = False,
+                   expert_parallel: bool = False) -> SglangLaunch:
     """The ``python -m sglang.launch_server`` command for a converted checkpoint on ``tp`` GPUs like ``gpu``.
 
     ``version``: the SGLang the flags are for (default: installed, else DEFAULT_SGLANG). ``dtype`` /
     ``attention_backend`` None: chosen here (float16 when the experts are on Marlin; per compute capability).
     ``cpu_offload_gb`` None: the smallest whole GiB that fits. ``trust_remote_code``: pass ``--trust-remote-code``
     (only when asked; a config with ``auto_map`` gets a warning otherwise). UserError for a checkpoint SGLang
-    cannot serve.
+    cannot serve. ``expert_parallel``: ``--ep-size`` = TP even when the experts are not GPTQ (it is passed for GPTQ
+    experts anyway). ``fits`` is the one verdict: memory, and the layout's whole ranks (``layout_problems``).
     """
     f = check_model(model)
     tp = tp or gpu.count
@@ -328,7 +368,7 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
         warnings.append(f"--dtype {dtype}: SGLang's GPTQ Marlin MoE asserts float16 activations (sglang #20599, "
                         "#36822); expect an AssertionError at the first forward unless this SGLang has the fix")
     backend, why = (attention_backend, f"--attention-backend {attention_backend}: given") if attention_backend \
-        else attention_backend_for(gpu.cc_tuple, f.dsa)
+        else attention_backend_for(gpu.cc_tuple, f.dsa, f.mla)
     reasons.append(why)
     if f.dsa:
         if gpu.cc_tuple < (9, 0):
@@ -339,13 +379,17 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
         if dtype == "float16":
             warnings.append("DeepSeek-V3.2 with --dtype float16: SGLang's DSA indexer builds bfloat16 parameters and its "
                             "Hopper path assumes bfloat16; with the Marlin MoE needing float16, this pairing is unverified")
-    ep = tp if (tp > 1 and f.moe_quantized) else 1
+    ep = tp if (tp > 1 and (f.moe_quantized or expert_parallel)) else 1
     if ep > 1:
-        reasons.append(EP_REASON.format(tp=tp))
-    mem = memory(weights_gib_per_gpu, kv_bytes_per_token(f), gpu, tp, mem_fraction_static=mem_fraction_static,
+        reasons.append(EP_REASON.format(tp=tp) if f.moe_quantized else f"--ep-size {tp}: asked for (--expert-parallel)")
+    layout = Layout(tp, 1, ep > 1)
+    from repack.serve.sharding import layout_problems
+
+    problems = layout_problems(model.spec, model.tensors, layout, marlin=True, rank=model.shard(layout))
+    mem = memory(weights_gib_per_gpu, kv_bytes_per_token(f, tp), gpu, tp, mem_fraction_static=mem_fraction_static,
                  context_length=context_length, cpu_offload_gb=cpu_offload_gb, model_max_positions=f.max_positions,
                  mla=f.mla, cuda_graph=not disable_cuda_graph)
-    if mem.slack_gib < mem.reserve_gib:
+    if mem.mem_fraction_static > mem.sglang_default_fraction:  # SGLang's default leaves its own reserve by definition
         warnings.append(f"--mem-fraction-static {mem.mem_fraction_static:g} leaves {mem.slack_gib:.2f} GiB for activations "
                         f"and CUDA graphs; SGLang's own estimate is {mem.reserve_gib:.2f} GiB (its default here: "
                         f"{mem.sglang_default_fraction:g})")
@@ -354,6 +398,9 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
                         f"({mem.cpu_offload_gb * tp} GiB pinned in all), copied over PCIe every forward pass; slow")
     if not mem.fits:
         warnings.append(f"does not fit: {mem.reason}")
+    if problems:
+        warnings.append(f"TP {tp}" + (f" with --ep-size {ep}" if ep > 1 else "") + " does not split the model into whole "
+                        f"ranks: {'; '.join(problems[:3])}")
     argv = [python, *HEAD[1:], model_path, "--tp-size", str(tp)]
     if ep > 1:
         argv += ["--ep-size", str(ep)]
@@ -369,7 +416,8 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
         reasons.append("--trust-remote-code: asked for (SGLang may run the checkpoint's own Python code)")
     elif f.remote_code:
         warnings.append("config.json has auto_map (the checkpoint's own Python code); --trust-remote-code is not passed "
-                        "(SGLang serves DeepSeek V3/V3.2 with its own code); add --trust-remote-code if SGLang asks for it")
+                        f"(SGLang serves {f.architecture} with its own code, {ARCHITECTURES[f.architecture]}.py); add "
+                        "--trust-remote-code if SGLang asks for it")
     if tp > 1 and _consumer(gpu, consumer_pcie):
         argv += ["--disable-custom-all-reduce"]
         reasons.append("--disable-custom-all-reduce: consumer PCIe GPUs without peer-to-peer")
@@ -377,7 +425,7 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
         argv += ["--disable-cuda-graph"]
     argv += ["--host", host, "--port", str(port), *extra_args]
     return SglangLaunch(model_path, argv, dict(env or {}), ver, MIN_SGLANG, gpu, tp, mem, dtype, backend,
-                        reasons, warnings)
+                        reasons, warnings, layout_problems=problems, ep_size=ep)
 
 
 # ---------------------------------------------------------------- script
@@ -394,12 +442,13 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
                     "regenerate it rather than edit it.")]
     if recipe:
         L.append(sh.comment(f"recipe: {recipe['name']} ({recipe.get('description', '')})"))
-    L.append(sh.comment(f"plan: {launch.tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, TP {launch.tp}"))
+    L.append(sh.comment(f"plan: {launch.tp} GPUs of {g.memory_gib:g} GiB, cc {g.cc}, TP {launch.tp}"
+                        + (f" with expert parallelism (--ep-size {launch.ep_size})" if launch.ep_size > 1 else "")))
     L.append(sh.comment(f"weights {m.weights_gib_per_gpu:.2f} GiB per GPU ({m.weights_gib_on_gpu:.2f} GiB on the GPU), "
                         f"KV {m.kv_bytes_per_token} bytes per token, KV pool {m.kv_pool_gib:.2f} GiB = {m.mem_fraction_static:g} x "
                         f"{m.pre_load_gib:.2f} GiB - weights"))
     L.append(sh.comment(f"context {m.context_length} tokens (pool {m.max_total_tokens} tokens); fits: "
-                        + ("yes" if m.fits else "NO: " + m.reason)))
+                        + ("yes" if launch.fits else "NO: " + launch.reason)))
     L.append(sh.comment(f"flags chosen for SGLang {launch.version}"))
     L += [sh.comment(f"why: {r}") for r in launch.reasons]
     L += [sh.comment(f"warning: {w}") for w in launch.warnings]
