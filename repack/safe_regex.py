@@ -164,11 +164,30 @@ def check(pattern: str) -> None:
     _compile(pattern)
 
 
+@functools.lru_cache(maxsize=4096)
+def _required(pattern: str) -> tuple[str, ...]:
+    """Strings any match of ``pattern`` contains: its top-level runs of literal characters (no flags are allowed,
+    so they match only themselves)."""
+    runs, cur = [], ""
+    for op, av in P.parse(pattern):
+        if op is C.LITERAL:
+            cur += chr(av)
+            continue
+        if cur:
+            runs.append(cur)
+        cur = ""
+    if cur:
+        runs.append(cur)
+    return tuple(runs)
+
+
 def search(pattern: str, subject: str) -> bool:
     """Whether ``pattern`` matches somewhere in ``subject`` (as ``re.search``), in time linear in ``subject``."""
     compiled = _compile(pattern)
     if isinstance(compiled, re.Pattern):
         return compiled.search(subject) is not None
+    if any(lit not in subject for lit in _required(pattern)):
+        return False  # a literal every match holds is missing: no need to run the automaton
     nfa, start = compiled
     states = nfa.states
     n = len(subject)
