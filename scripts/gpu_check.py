@@ -283,13 +283,35 @@ def prompts(vocab: int = 1024) -> dict:
 def _engine(spec: dict):
     from vllm import LLM
 
-    extra = {"moe_backend": spec["moe_backend"]} if spec.get("moe_backend") else {}
+    extra: dict = {"moe_backend": spec["moe_backend"]} if spec.get("moe_backend") else {}
     if spec.get("speculative"):
         extra["speculative_config"] = dict(spec["speculative"])
+        extra["disable_log_stats"] = False  # the acceptance counters of LLM.get_metrics()
+    if spec.get("kv_cache_gib"):  # a fixed KV cache: no profiling, so engines sharing one GPU do not see each other
+        extra["kv_cache_memory_bytes"] = int(spec["kv_cache_gib"] * 2**30)
     return LLM(model=spec["model"], tensor_parallel_size=spec.get("tp", 1), dtype=spec.get("dtype", "float16"),
                enforce_eager=True, skip_tokenizer_init=True, attention_backend=spec.get("attention_backend", "TRITON_MLA"),
                max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
-               enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0, **extra)
+               enable_prefix_caching=True, gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.5), seed=0,
+               **extra)
+
+
+def spec_metrics(llm) -> dict:
+    """Speculative-decoding counters from ``LLM.get_metrics()`` (an engine built with ``disable_log_stats=False``)."""
+    out = {}
+    for m in llm.get_metrics():
+        if "spec_decode" not in m.name:
+            continue
+        if hasattr(m, "values"):
+            out[m.name] = list(m.values)
+        elif hasattr(m, "value"):
+            out[m.name] = m.value
+    return out
+
+
+def counter(metrics: dict, key: str) -> float | None:
+    vals = [v for k, v in metrics.items() if k.removesuffix("_total").endswith(key) and not isinstance(v, list)]
+    return vals[0] if vals else None
 
 
 def _moe_methods(model) -> dict:
@@ -353,7 +375,15 @@ def child_generate(spec: dict) -> dict:
                 "num_cached_tokens": getattr(o, "num_cached_tokens", None),
                 "prompt_len": len(o.prompt_token_ids),
             }
-    return {"info": info, "results": results}
+    out: dict = {"info": info, "results": results}
+    if spec.get("speculative"):
+        try:
+            m = spec_metrics(llm)
+            out["spec_metrics"] = m
+            out["acceptance"] = {"drafts": counter(m, "num_draft_tokens"), "accepted": counter(m, "num_accepted_tokens")}
+        except Exception as e:  # noqa: BLE001 - counters are information, not the check
+            out["metrics_error"] = f"{type(e).__name__}: {e}"[:500]
+    return out
 
 
 def run_child(mode: str, spec: dict, log: Path, timeout: int) -> dict:
@@ -557,6 +587,11 @@ def evaluate(engines: dict, pr: dict, strict: set, expect: dict | None = None) -
         r = engines[name]
         ok = r.get("rc") == 0 and "results" in r
         kernels = "; ".join(r.get("kernel_lines", [])) or "none logged"
+        if ok and r.get("speculative"):
+            acc = r.get("acceptance") or {}
+            rows.append({"check": f"{name} MTP acceptance", "pass": True, "status": "INFO",
+                         "detail": f"{acc.get('accepted')} of {acc.get('drafts')} draft tokens accepted"
+                                   if acc.get("drafts") else f"no counters ({r.get('metrics_error', 'none reported')})"})
         if name.startswith(INFO_ENGINES):
             method = (r.get("speculative") or {}).get("method")
             rows.append({"check": f"{name} serves (information)", "pass": True, "status": "INFO",
@@ -661,6 +696,14 @@ def main() -> int:
     ap.add_argument("--mtp-method", default=None, help="speculative method for a fixture's MTP layer "
                     "(default: the family's; vLLM 0.33 also takes 'mtp')")
     ap.add_argument("--build-only", action="store_true", help="write the checkpoints and the reference, run no engine")
+    ap.add_argument("--engines", default="", help="comma-separated engine-name prefixes to run, e.g. ref,w4-,w4mtp "
+                    "(default: all)")
+    ap.add_argument("--budget", type=int, default=0, help="seconds for all engines; engines that would start "
+                    "with less than 40 s left are skipped and listed (default: no limit)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="per engine; lower it to run several checks on one GPU at once")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.0,
+                    help="a fixed KV cache per engine instead of vLLM's profiled one (checks sharing one GPU)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -690,6 +733,9 @@ def main() -> int:
     expect = expectations(version or None, tuple(info["cc"]) if info.get("cc") else None)
     rows = evaluate(engines, pr, strict, expect)
     report.update(checks=rows, strict=sorted(strict), tolerance=TOL, expectations=expect)
+    if report.get("skipped"):
+        rows.append({"check": "engines skipped (budget)", "pass": True, "status": "INFO",
+                     "detail": ", ".join(report["skipped"])})
     report["environment"] = {k: info.get(k) for k in ("gpu", "gpus", "cc", "vllm", "torch", "humming")}
     failed = [r for r in rows if r["status"] == "FAIL"]
     judged = [r for r in rows if r["status"] in ("PASS", "FAIL", "WARN")]
@@ -752,12 +798,20 @@ def run_engines(args, out: Path, pr: dict, built: Built) -> dict:
     version = vllm_version()
     native = version is not None and tuple(version[:2]) >= NATIVE_FROM
     jobs = engine_jobs(built, dtypes, tps, args.max_tokens, pr, native, args.skip_native, args.mtp_method)
+    wanted = tuple(x for x in args.engines.split(",") if x)
+    jobs = [(n, m, dict(sp, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)) for n, m, sp in jobs
+            if not wanted or n.startswith(wanted)]
+    deadline = time.monotonic() + args.budget if args.budget else None
     engines: dict = {}
     report = {"paths": built.paths(), "chunk_tokens": CHUNK, "max_tokens": args.max_tokens, "engines": engines,
               "vllm_release": list(version) if version else None}
     with open(out / "engines.log", "w") as elog:
         for name, mode, spec in jobs:
-            r = run_child(mode, spec, logs / f"{name}.log", args.timeout)
+            left = args.timeout if deadline is None else int(deadline - time.monotonic())
+            if left < 40:
+                report.setdefault("skipped", []).append(name)
+                continue
+            r = run_child(mode, spec, logs / f"{name}.log", min(args.timeout, left))
             text = r.pop("log")
             r["marlin_line"] = MARLIN_LINE in text
             r["kernel_lines"] = kernel_lines(text)

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.gpu_check import describe, judge, write_reference  # noqa: E402
+from scripts.gpu_check import counter, describe, judge, spec_metrics, write_reference  # noqa: E402
 
 DTYPE = "float16"
 TOL = 0.05  # nats, float16 (docs/validation.md)
@@ -137,24 +137,6 @@ def _engine(spec: dict):
     return LLM(**kw)
 
 
-def _spec_metrics(llm) -> dict:
-    """Speculative-decoding counters from ``LLM.get_metrics()`` (needs ``disable_log_stats=False``)."""
-    out = {}
-    for m in llm.get_metrics():
-        if "spec_decode" not in m.name:
-            continue
-        if hasattr(m, "values"):
-            out[m.name] = list(m.values)
-        elif hasattr(m, "value"):
-            out[m.name] = m.value
-    return out
-
-
-def _counter(metrics: dict, key: str) -> float | None:
-    vals = [v for k, v in metrics.items() if k.removesuffix("_total").endswith(key) and not isinstance(v, list)]
-    return vals[0] if vals else None
-
-
 def child_generate(spec: dict) -> dict:
     import torch
     import vllm
@@ -197,9 +179,9 @@ def child_generate(spec: dict) -> dict:
         out["decode_tokens"] = tokens
     if spec.get("spec"):
         try:
-            m = _spec_metrics(llm)
+            m = spec_metrics(llm)
             out["spec_metrics"] = m
-            drafts, accepted = _counter(m, "num_draft_tokens"), _counter(m, "num_accepted_tokens")
+            drafts, accepted = counter(m, "num_draft_tokens"), counter(m, "num_accepted_tokens")
             if drafts and accepted is not None:
                 out["acceptance_rate"] = round(accepted / drafts, 4)
         except Exception as e:  # noqa: BLE001 - metrics are information, not the check

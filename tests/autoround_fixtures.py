@@ -57,6 +57,17 @@ MTP_BY_DEFAULT = ("glm4_moe",)
 GPU_SPECS = (("deepseek_v3", 128), ("glm4_moe", 128), ("qwen3_moe", 128), ("qwen3_next", 128))
 # max_position_embeddings of every family: the bound of vLLM's max_model_len (the GPU check asks for 2048).
 MAX_POSITIONS = 4096
+# Config of the GPU fixtures where vLLM 0.33 needs real values (each found by a failed GPU run, 2026-12-02): its MLA
+# kernels take DeepSeek's latent width only (kv_lora_rank 512 + qk_rope 64 = 576: "Head dimension 192 is not
+# supported by MLA"), its FlashAttention MLA prefill DeepSeek's head dims only (qk_nope 128, qk_rope 64, v 128), and
+# its DeepSeek MoE gate loads e_score_correction_bias only with ``topk_method: noaux_tc`` (which transformers'
+# DeepseekV3Config does not write); its FLA Gated DeltaNet kernels fail to compile for key and value head dims that
+# differ (64 and 32).
+GPU_CONFIG = {
+    "deepseek_v3": {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                    "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    "qwen3_next": {"linear_key_head_dim": 128, "linear_value_head_dim": 128},
+}
 VOCAB_SIZE = 512
 # Versions the fixtures were validated with; the cache key includes the installed ones.
 PINNED = {"torch": "2.13.0", "auto-round": "0.16.1", "transformers": "5.23.0"}
@@ -81,7 +92,7 @@ def _offline_env() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_config(family: str):
+def make_config(family: str, gpu_shapes: bool = False):
     """A tiny config.  Every quantized in_features (128, 256, 512) is a multiple of 128 and 32.
 
     glm4_moe is GLM-4.5-shaped: GQA with q/k/v bias and q/k norm, half-rotary heads (``partial_rotary_factor`` 0.5),
@@ -91,6 +102,16 @@ def make_config(family: str):
     projection, ``in_proj_ba`` included (32 outputs), is wide enough for AutoRound to quantize it.
     """
     _offline_env()
+    config = _make_config(family)
+    for key, value in (GPU_CONFIG.get(family, {}) if gpu_shapes else {}).items():
+        setattr(config, key, value)
+    if family == "deepseek_v3" and gpu_shapes:
+        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        config.head_dim = config.qk_rope_head_dim
+    return config
+
+
+def _make_config(family: str):
     if family == "deepseek_v3":
         from transformers import DeepseekV3Config
 
@@ -218,7 +239,7 @@ def make_config(family: str):
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
-def make_random_model(family: str, seed: int = 0):
+def make_random_model(family: str, seed: int = 0, gpu_shapes: bool = False):
     """A float32 random model; seeded, and the global torch RNG state is left untouched.
 
     transformers' init leaves norms at 1 and biases / DeepSeek's e_score_correction_bias at 0; those are
@@ -228,7 +249,7 @@ def make_random_model(family: str, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = make_config(family)
+    config = make_config(family, gpu_shapes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -283,6 +304,7 @@ def build_fixture(
     layer_config: dict | None = None,
     quant_lm_head: bool = False,
     mtp: bool | None = None,
+    gpu_shapes: bool = False,
 ) -> Path:
     """Quantize a tiny random ``family`` model with AutoRound RTN into ``out_dir``; returns ``out_dir``.
 
@@ -291,6 +313,7 @@ def build_fixture(
     ``opt_rtn=False`` passes ``disable_opt_rtn=True`` (plain RTN; 0.16.1 otherwise turns on its
     "optimized RTN" scale search for the non-MoE blocks).  ``layer_config`` is AutoRound's per-layer
     override dict (e.g. ``{"model.layers.0.mlp.down_proj": {"bits": 4}}`` for a mixed-width export).
+    ``gpu_shapes``: the config values of ``GPU_CONFIG`` (what vLLM's kernels need).
     ``mtp=True`` (``MTP_FAMILIES``; ``None``: the family's default, on for glm4_moe): the float model is saved with
     an MTP layer (``model.layers.L.*``, ``num_nextn_predict_layers: 1``) and AutoRound quantizes it from that
     folder; transformers does not load the MTP layer, and AutoRound copies it from the source folder into
@@ -307,7 +330,9 @@ def build_fixture(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = make_random_model(family, seed)
+    model = make_random_model(family, seed, gpu_shapes)
+    # save_pretrained writes it, AutoRound given a model object does not; every real checkpoint has it
+    model.config.architectures = [type(model).__name__]
     tokenizer = make_tokenizer(model.config.vocab_size)
     kwargs = dict(
         bits=bits,
@@ -637,7 +662,7 @@ def main(argv=None) -> int:
     ap.add_argument("out_root", help="each fixture goes to OUT_ROOT/<family>-w3g<group_size>[-mtp]")
     ap.add_argument("specs", nargs="*", help="family:group_size[:mtp|:nomtp] (default: the interop test set)")
     ap.add_argument("--gpu", action="store_true", help="the set scripts/gpu_check.py --fixture takes: "
-                    + " ".join(f"{f}:{g}" for f, g in GPU_SPECS))
+                    + " ".join(f"{f}:{g}" for f, g in GPU_SPECS) + ", and every fixture built with GPU_CONFIG")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -653,7 +678,7 @@ def main(argv=None) -> int:
     for family, gs, mtp in specs:
         t0 = time.perf_counter()
         name = spec_dirname(family, gs, mtp)
-        d = build_fixture(family, gs, root / name, seed=args.seed, mtp=mtp)
+        d = build_fixture(family, gs, root / name, seed=args.seed, mtp=mtp, gpu_shapes=args.gpu)
         listed["fixtures"][name] = {"family": family, "group_size": gs, "seed": args.seed,
                                     "mtp": family in MTP_BY_DEFAULT if mtp is None else mtp}
         listed["versions"] = installed_versions()

@@ -121,6 +121,21 @@ def _golden(name: str, text: str) -> None:
     assert text == path.read_text()
 
 
+def test_qwen3_repack_on_marlin_carries_the_failed_gpu_check(qwen3, tmp_path):
+    """The converted tiny Qwen3-MoE did not match its float reference under Marlin (docs/validation.md): a plan
+    that runs the repack on Marlin says so; one on Humming (sm90) does not."""
+    conv, _ = paths.virtual_output(planner.load_model(qwen3))
+    dst = tmp_path / "Qwen3-235B-A22B-W4A16"
+    dst.mkdir()
+    write_sparse(dst / "model.safetensors", [(n, d, list(s)) for n, d, s, _ in conv.tensors])
+    (dst / "config.json").write_text(json.dumps(conv.config))
+    caveat = "under Marlin on vLLM 0.33.0 differed from its exact float reference"
+    sm86 = _plan(dst, "--gpus", "8", "--gpu-memory", "48", "--compute-capability", "8.6", "--vllm-version", "0.33.0")
+    assert any(caveat in w for w in sm86["warnings"])
+    sm90 = _plan(dst, "--gpus", "4", *H200)
+    assert not any(caveat in w for w in sm90["warnings"])
+
+
 def test_golden_vllm_launchers_per_family(qwen3, glm_model, tmp_path):
     """Qwen3 serves its 3-bit source natively as it is; GLM's repack is launched from its conversion (a
     header-only replica of what `w3repack convert` writes), with MTP speculation."""

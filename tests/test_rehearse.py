@@ -290,7 +290,7 @@ def test_speed_ratio_from_a_rehearsal_drives_the_recommendation():
 
 
 def test_measured_speed_from_a_rehearsal_recommends_the_repack(source, tmp_path):
-    d = json.loads((REHEARSALS / "345b-8xh200-dense-vllm-0.33.0.json").read_text())
+    d = json.loads((REHEARSALS / "345b-8xh200-dense-native-only-vllm-0.33.0.json").read_text())
     rep = json.loads(json.dumps(d["paths"][0]))
     rep["name"] = "repacked-4bit"
     for b, s in rep["measured"]["decode_tokens_per_s"].items():
@@ -308,6 +308,15 @@ def test_measured_speed_from_a_rehearsal_recommends_the_repack(source, tmp_path)
     m = p["paths"][1]["measured_speed"]
     assert m["decode_ratio_by_batch"] == {"1": 1.25, "8": 1.25, "32": 1.25, "128": 1.25} and m["tensor_parallel"] == 8
     assert p["recommended"] == "repacked-4bit" and "measured 1.25x the native decode speed on sm90 at TP 8" in p["recommendation_reason"]
+    # the real rehearsal of both paths (docs/benchmarks.md): its ratios, the medians' quotients, keep the native path
+    r = run("plan", source, *h200, "--dense-attention", "--rehearsal", REHEARSALS / "345b-8xh200-dense-vllm-0.33.0.json",
+            "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["paths"][1]["measured_speed"]["decode_ratio_by_batch"] == {"1": round(131.4 / 147.4, 3), "8": round(922.9 / 1079.7, 3),
+                                                                       "32": round(3225.0 / 2903.5, 3), "128": round(9024.9 / 10964.9, 3)}
+    assert p["recommended"] == "native-3bit"
+    assert p["paths"][1]["kv_cache_gib"] < 99.33  # below what vLLM allocated for the repack's rank
 
 
 # ---------------------------------------------------------------- the child runner

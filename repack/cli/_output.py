@@ -179,7 +179,8 @@ def _speed(p: ServingPath) -> str:
     m = p.measured
     if m is None:
         return "baseline" if p.name == "native-3bit" else "not measured here"
-    return f"{m.decode_geomean:.2f}x native ({m.gpu_family}, TP {m.tp}, vLLM {m.vllm})"
+    return (f"{m.decode_geomean:.2f}x native (geomean of batches {', '.join(map(str, sorted(m.decode)))}; "
+            f"{m.gpu_family}, TP {m.tp}, vLLM {m.vllm}; from {m.source})")
 
 
 def memory_plan(plan: MemoryPlan, json_out: bool) -> None:

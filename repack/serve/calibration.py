@@ -74,6 +74,7 @@ class Calibration:
     ref_layers: int = 61
     ref_hidden: int = 7168
     measured: bool = True
+    native: bool = True  # measured on the 3-bit path (False: the 4-bit repack)
 
 
 H200_REHEARSALS = "rehearsals of the DeepSeek-V3.2-REAP-345B TP-8 rank on an H200, vLLM 0.33.0, 2026-12-02"
@@ -81,9 +82,13 @@ CALIBRATIONS: tuple[Calibration, ...] = (
     Calibration("0.33.0", "humming", False, non_torch_gib=2.31, act_gib=0.54, act_tokens=2048, cuda_graphs_gib=1.03,
                 context_gib=0.70, source=H200_REHEARSALS + " (8 x RTX 3090 target: sm86 kernels, Triton MLA)"),
     Calibration("0.33.0", "marlin", False, non_torch_gib=2.43, act_gib=0.54, act_tokens=2048, cuda_graphs_gib=1.05,
-                context_gib=0.70, source=H200_REHEARSALS + " (8 x RTX 3090 target: sm86 kernels, Triton MLA)"),
+                context_gib=0.70, source=H200_REHEARSALS + " (8 x RTX 3090 target: sm86 kernels, Triton MLA)",
+                native=False),
     Calibration("0.33.0", "humming", True, non_torch_gib=1.30, act_gib=0.80, act_tokens=8192, cuda_graphs_gib=2.46,
                 context_gib=0.70, source=H200_REHEARSALS + " (8 x H200 target, dense attention)"),
+    Calibration("0.33.0", "humming", True, non_torch_gib=1.51, act_gib=0.79, act_tokens=8192, cuda_graphs_gib=2.47,
+                context_gib=0.70, source=H200_REHEARSALS + " (8 x H200 target, dense attention, the 4-bit repack)",
+                native=False),
 )
 # The smallest model rehearsed (synth.TinySpec: 2 layers of hidden size 1024, Marlin, the 3090 target): what any model
 # takes at least. Between it and the reference rank the allowances are interpolated in layers x hidden size.
@@ -98,15 +103,15 @@ TP_PRE_SNAPSHOT_GIB = 0.5  # NCCL communicators and all-reduce buffers before th
 MARGIN_GIB = 0.02    # vLLM reports each figure to 0.01 GiB: three of them rounded
 
 
-def for_version(vllm: str | None, kernels: str, sm90: bool) -> Calibration:
-    """The calibration of ``vllm``'s minor release (else the newest measured) for ``kernels`` on this GPU class;
-    the same class with the other kernels where this pair was not measured."""
+def for_version(vllm: str | None, kernels: str, sm90: bool, native: bool = True) -> Calibration:
+    """The calibration of ``vllm``'s minor release (else the newest measured) for ``kernels`` and the path
+    (``native``: 3-bit) on this GPU class; the same class with the other kernels or path where that was not measured."""
     try:
         want = Version(vllm).release[:2] if vllm else None
     except InvalidVersion:
         want = None
     rows = sorted(CALIBRATIONS, key=lambda c: (Version(c.vllm).release[:2] == want, c.kernels == kernels,
-                                              c.sm90 == sm90, Version(c.vllm)))
+                                              c.native == native, c.sm90 == sm90, Version(c.vllm)))
     best = [c for c in rows if c.sm90 == sm90] or rows
     return best[-1]
 

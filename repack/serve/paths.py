@@ -56,9 +56,14 @@ class Measured:
                 "source": self.source}
 
 
-# Repacked ÷ native at the shapes of one rank, from rehearsals with both paths served (none yet: the rehearsals of
-# docs/benchmarks.md served the native path only, or the repack did not fit the target's budget).
-MEASURED: tuple[Measured, ...] = ()
+# Repacked ÷ native at the shapes of one rank, from rehearsals with both paths served on one GPU in one session
+# (medians of 3; docs/benchmarks.md gives the spreads: at batch 32 they overlap, so that ratio is noise-level).
+MEASURED: tuple[Measured, ...] = (
+    Measured("sm90", 8, "0.33.0", "Humming (vLLM's choice: HUMMING WNA16 MoE, Humming/Machete linear)",
+             decode={1: 0.891, 8: 0.855, 32: 1.111, 128: 0.823}, prefill=0.996,
+             source="docs/benchmarks.md: rehearsal of the DeepSeek-V3.2-REAP-345B TP-8 rank for 8 x H200 (dense "
+                    "attention), one H200, vLLM 0.33.0, 2026-12-02"),
+)
 
 
 def gpu_family(cc: str) -> str:

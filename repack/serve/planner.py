@@ -368,7 +368,7 @@ def default_batched_tokens(gpu: Gpu) -> int:
 
 def allowances(model: Model, req: Request, native: bool = False) -> dict:
     """GiB per GPU the plan keeps from the KV cache, with the calibration they come from."""
-    cal = calibration.for_version(req.vllm_version, kernels(req, native), req.gpu.cc_tuple >= (9, 0))
+    cal = calibration.for_version(req.vllm_version, kernels(req, native), req.gpu.cc_tuple >= (9, 0), native)
     tokens = req.max_num_batched_tokens or default_batched_tokens(req.gpu)
     c = model.config
     hv = c.get("hidden_size")
@@ -517,12 +517,14 @@ def warnings_for(model: Model, req: Request, w: Weights, native: bool = False) -
         out.append("consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and "
                    "pass --disable-custom-all-reduce")
     outside = (1 - req.utilization) * req.gpu.card.cuda_gib
-    cal = calibration.for_version(req.vllm_version, kernels(req, native), cc >= (9, 0))
+    cal = calibration.for_version(req.vllm_version, kernels(req, native), cc >= (9, 0), native)
     need = cal.context_gib + (calibration.TP_PRE_SNAPSHOT_GIB if req.tp * req.pp > 1 else 0.0)
     if outside < need:
         out.append(f"--gpu-memory-utilization {req.utilization:g} leaves {outside:.2f} GiB outside vLLM's budget; the "
                    f"CUDA context and cuBLAS handles" + (" and NCCL/all-reduce buffers" if req.tp * req.pp > 1 else "")
                    + f" need about {need:.2f} GiB there (vLLM refuses to start when the free memory is below its budget)")
+    if not native and model.quant_method and model.spec.marlin_caveat and kernels(req, native) == "marlin":
+        out.append(model.spec.marlin_caveat)
     if req.cpu_offload_gib:
         out.append(f"--cpu-offload-gb {req.cpu_offload_gib:g}: {req.cpu_offload_gib:g} GiB of weights per GPU live in host "
                    f"memory ({req.cpu_offload_gib * req.tp * req.pp:g} GiB of pinned RAM in all) and cross PCIe on every "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Serve /models/GLM-4.6-W4A16 with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.
 # plan: 1 node(s) x 8 GPUs of 140.4 GiB, cc 9.0, TP 4 x PP 2
-# weights 23.62 GiB per GPU (23.62 GiB on the GPU), KV cache 47104 bytes per token, 99.26 GiB per GPU
-# max context 202752 tokens at --gpu-memory-utilization 0.9 (capacity 2262592 tokens); fits: yes
+# weights 23.62 GiB per GPU (23.62 GiB on the GPU), KV cache 47104 bytes per token, 99.15 GiB per GPU
+# max context 202752 tokens at --gpu-memory-utilization 0.9 (capacity 2259968 tokens); fits: yes
 # flags chosen for vLLM 0.33.0
 # warning: vLLM 0.33.0 picks its own MoE kernel for 4-bit on sm90 (Humming); measured against the native path in docs/benchmarks.md. For Marlin, add after --: --moe-backend marlin
 set -euo pipefail
