@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Serve /models/DeepSeek-V3.2-REAP-345B-W4A16 with stock vLLM. Written by `w3repack launch`; regenerate it rather than edit it.
 # plan: 2 node(s) x 8 GPUs of 80 GiB, cc 9.0, TP 8 x PP 2
-# weights 11.45 GiB per GPU (11.45 GiB on the GPU), KV cache 39804 bytes per token, 57.20 GiB per GPU
-# max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 1558720 tokens); fits: yes
+# weights 11.45 GiB per GPU (11.45 GiB on the GPU), KV cache 39804 bytes per token, 57.09 GiB per GPU
+# max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 1555840 tokens); fits: yes
 # flags chosen for vLLM 0.30.0
 # warning: vLLM 0.30.0 picks its own MoE kernel for 4-bit on sm90 (Humming); measured against the native path in docs/benchmarks.md. For Marlin, add after --: --moe-backend marlin
 set -euo pipefail
