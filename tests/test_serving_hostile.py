@@ -691,3 +691,35 @@ def test_sglang_trust_remote_code_only_when_asked(tiny, tmp_path):
     tools, rec = fake_tools(tmp_path / "t")
     assert run_script(s, tools).returncode == 0
     assert b"--trust-remote-code" in recorded(rec, "python3")
+
+
+# --- 8. numbers as text: versions and compute capabilities of many digits, recipes nested deeply -------------
+
+MANY = "9" * 5000  # more digits than int() converts
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "--vllm-version", MANY], "--vllm-version"),
+    (["launch", "--vllm-version", MANY], "--vllm-version"),
+    (["launch", "--engine", "sglang", "--sglang-version", MANY], "SGLang version"),
+    (["plan", "--compute-capability", MANY + ".0"], "--compute-capability"),
+    (["plan", "--compute-capability", "\u0668.\u0666"], "--compute-capability"),  # Arabic-Indic 8.6
+])
+def test_versions_and_capabilities_that_int_cannot_take_are_refused(tiny, tmp_path, args, needle):
+    opts = dict(zip(GPU[::2], GPU[1::2]))
+    cmd, *more = args
+    opts.update(zip(more[::2], more[1::2]))
+    out = ["-o", tmp_path / "s.sh"] if cmd == "launch" else []
+    assert_refused(cli(cmd, tiny, *out, *[x for kv in opts.items() for x in kv]), needle)
+    assert not (tmp_path / "s.sh").exists()
+
+
+@pytest.mark.parametrize("body, needle", [
+    (recipe_toml().replace('compute_capability = "8.6"', 'compute_capability = "\u0668.\u0666"'), "compute_capability"),
+    ("a = " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply"),
+    ("a = " + "{x = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply"),
+])
+def test_recipe_file_of_odd_digits_or_deep_nesting_is_refused(tiny, tmp_path, body, needle):
+    f = tmp_path / "r.toml"
+    f.write_text(body)
+    assert_refused(cli("plan", tiny, "--recipe-file", f), "--recipe-file", needle)
