@@ -691,3 +691,87 @@ def test_sglang_trust_remote_code_only_when_asked(tiny, tmp_path):
     tools, rec = fake_tools(tmp_path / "t")
     assert run_script(s, tools).returncode == 0
     assert b"--trust-remote-code" in recorded(rec, "python3")
+
+
+# --- 8. numbers as text: versions and compute capabilities of many digits, recipes nested deeply -------------
+
+MANY = "9" * 5000  # more digits than int() converts
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "--vllm-version", MANY], "--vllm-version"),
+    (["launch", "--vllm-version", MANY], "--vllm-version"),
+    (["launch", "--engine", "sglang", "--sglang-version", MANY], "SGLang version"),
+    (["plan", "--compute-capability", MANY + ".0"], "--compute-capability"),
+    (["plan", "--compute-capability", "\u0668.\u0666"], "--compute-capability"),  # Arabic-Indic 8.6
+])
+def test_versions_and_capabilities_that_int_cannot_take_are_refused(tiny, tmp_path, args, needle):
+    opts = dict(zip(GPU[::2], GPU[1::2]))
+    cmd, *more = args
+    opts.update(zip(more[::2], more[1::2]))
+    out = ["-o", tmp_path / "s.sh"] if cmd == "launch" else []
+    assert_refused(cli(cmd, tiny, *out, *[x for kv in opts.items() for x in kv]), needle)
+    assert not (tmp_path / "s.sh").exists()
+
+
+@pytest.mark.parametrize("body, needle", [
+    (recipe_toml().replace('compute_capability = "8.6"', 'compute_capability = "\u0668.\u0666"'), "compute_capability"),
+    ("a = " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply"),
+    ("a = " + "{x = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply"),
+])
+def test_recipe_file_of_odd_digits_or_deep_nesting_is_refused(tiny, tmp_path, body, needle):
+    f = tmp_path / "r.toml"
+    f.write_text(body)
+    assert_refused(cli("plan", tiny, "--recipe-file", f), "--recipe-file", needle)
+
+
+# --- 9. --rehearsal: what plan and launch read from it is checked for type and range --------------------------
+
+
+def _rehearsal() -> dict:
+    """The tiny model's rehearsal, as if served and measured on both paths (the repack twice as fast)."""
+    d = json.loads((Path(__file__).parents[1] / "docs" / "rehearsals" / "tiny-3090-repacked-vllm-0.33.0.json").read_text())
+    m = d["paths"][0]["measured"]
+    m.update(served=True, kv_cache_tokens=9656944, block_size=16, prefill_tokens_per_s={"median": 1000.0},
+             decode_tokens_per_s={"1": {"median": 100.0}, "8": {"median": 500.0}})
+    nat = json.loads(json.dumps(d["paths"][0]))
+    nat["name"] = "native-3bit"
+    for s in nat["measured"]["decode_tokens_per_s"].values():
+        s["median"] /= 2
+    d["paths"].append(nat)
+    return d
+
+
+@pytest.mark.parametrize("where, value", [
+    ("measured", "x"), ("measured.engine", 5), ("measured.engine.kv_cache_gib", "abc"),
+    ("measured.engine.kv_cache_gib", 1e308), ("measured.engine.kv_cache_gib", 10 ** 40),
+    ("measured.engine.kv_cache_gib", -1), ("measured.kv_cache_tokens", "abc"), ("measured.kv_cache_tokens", -5),
+    ("measured.block_size", "x"), ("measured.decode_tokens_per_s", 5), ("measured.decode_tokens_per_s", {"1": 5}),
+    ("measured.decode_tokens_per_s", {"1": {"median": "x"}}), ("measured.decode_tokens_per_s", {"1": {"median": -1}}),
+    ("measured.decode_tokens_per_s", {"1": {"median": 10 ** 400}}), ("measured.prefill_tokens_per_s", "x"),
+    ("measured.prefill_tokens_per_s", {"median": "x"}), ("rank_config", "x"), ("rank_config.architectures", [1]),
+    ("native:measured.decode_tokens_per_s", {"1": {"median": 1e-320}, "8": {"median": 1e-320}}),
+    ("native:measured.prefill_tokens_per_s", {"median": 1e-320}),
+])
+def test_rehearsal_of_wrong_types_or_ranges_is_refused(tiny, tmp_path, where, value):
+    """Each value once ended in an internal error (exit 3) in plan or launch, or a plan of infinite speed."""
+    d = _rehearsal()
+    entry = d["paths"][1 if where.startswith("native:") else 0]
+    *parents, last = where.removeprefix("native:").split(".")
+    for k in parents:
+        entry = entry[k]
+    entry[last] = value
+    f = tmp_path / "rehearsal.json"
+    f.write_text(json.dumps(d))
+    args = [*GPU, "--vllm-version", "0.33.0", "--rehearsal", f]
+    assert_refused(cli("plan", tiny, *args, "--json"), str(f), last)
+    assert_refused(cli("launch", tiny, "-o", tmp_path / "s.sh", *args), str(f), last)
+    assert not (tmp_path / "s.sh").exists()
+
+
+def test_rehearsal_well_formed_is_taken(tiny, tmp_path):
+    f = tmp_path / "rehearsal.json"
+    f.write_text(json.dumps(_rehearsal()))
+    r = cli("plan", tiny, *GPU, "--vllm-version", "0.33.0", "--rehearsal", f, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kv_measured"].startswith("rehearsal on ")

@@ -721,7 +721,7 @@ def resolve_gpu(gpus: int | None, memory_gib: float | None, cc: str | None, reci
     cap = pick("cc", cc, hw.get("compute_capability"), smi.cc if smi else None, DEFAULT_CC)
     gname = name or hw.get("gpu_name") or (smi.name if smi else None)
     cap = str(cap)
-    if not re.fullmatch(r"\d+(\.\d+)?", cap):
+    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3})?", cap):  # ASCII digits, a few: int() takes them
         raise UserError(f"--compute-capability {cap!r}: expected MAJOR.MINOR, e.g. 8.6")
     if int(count) < 1 or float(mem) <= 0:
         raise UserError(f"--gpus {count} / --gpu-memory {mem}: must be positive")

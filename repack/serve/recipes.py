@@ -28,7 +28,7 @@ CPU_OFFLOAD_GIB = (0.0, 65536.0)      # inclusive both
 MAX_GPUS = 4096
 MAX_TOKENS = 1 << 31
 KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16")
-CC_RE = re.compile(r"\d{1,2}\.\d{1,2}\Z")
+CC_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}\Z")
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,8 @@ def validate(data: dict, where: str) -> dict:
 def _parse(text: str, where: str) -> dict:
     try:
         return _toml().loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: not valid TOML (nested too deeply)") from None
     except ValueError as e:
         raise UserError(f"{where}: not valid TOML ({printable(str(e))})") from None
 

@@ -386,6 +386,10 @@ class Rehearsal:
                 raise FormatError(f"{path}: a path entry without a known name")
         if not isinstance(d.get("target"), dict) or not isinstance(d.get("local"), dict):
             raise FormatError(f"{path}: no target or local GPU record")
+        for p in d["paths"]:
+            why = _bad_entry(p)
+            if why:
+                raise FormatError(f"{path}: path {p['name']}: {why}")
         return cls(d)
 
     @property
@@ -441,6 +445,45 @@ class Rehearsal:
                               round(pr["median"] / pn["median"], 3) if pr.get("median") and pn.get("median") else 0.0,
                               source=self.where + " (rank shapes)",
                               arch=spec_for(rep.get("rank_config") or {}).name)
+
+
+def _bad_entry(p: dict) -> str | None:
+    """What is wrong with the parts of a path entry that plan and launch read (types and ranges), or None."""
+    import math
+
+    def num(v: object, hi: float) -> bool:
+        return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v <= hi
+                             and math.isfinite(v))
+
+    def speed(v: object) -> bool:  # 0 (none measured) or at least 1e-6 tokens/s: the ratios of two stay finite
+        med = v.get("median") if isinstance(v, dict) else None
+        return v is None or (isinstance(v, dict) and num(med, 1e12) and not (med and med < 1e-6))
+
+    rc = p.get("rank_config")
+    if rc is not None and not (isinstance(rc, dict) and isinstance(rc.get("architectures", []), list)
+                               and all(isinstance(a, str) for a in rc.get("architectures", []))):
+        return "rank_config is not a config with a list of architectures"
+    m = p.get("measured")
+    if m is None:
+        return None
+    if not isinstance(m, dict):
+        return "measured is not an object"
+    eng = m.get("engine")
+    if eng is not None and not (isinstance(eng, dict) and num(eng.get("kv_cache_gib"), 1 << 20)
+                                and isinstance(eng.get("kernels", []), list)
+                                and all(isinstance(k, str) for k in eng.get("kernels", []))):
+        return "measured.engine is not an object with kv_cache_gib a number in [0, 1048576] and a list of kernels"
+    for key in ("kv_cache_tokens", "block_size"):
+        v = m.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 53):
+            return f"measured.{key} is {str(v)[:40]!r}, not an integer in [0, 2^53]"
+    dec = m.get("decode_tokens_per_s")
+    if dec is not None and not (isinstance(dec, dict) and all(isinstance(b, str) and b.isascii() and b.isdigit()
+                                                               and len(b) <= 6 and speed(v) for b, v in dec.items())):
+        return "measured.decode_tokens_per_s is not batch sizes to {median: tokens per second}"
+    if not speed(m.get("prefill_tokens_per_s")):
+        return "measured.prefill_tokens_per_s is not {median: tokens per second}"
+    return None
 
 
 def record(rp: RankPath, run: PathRun | None) -> dict:

@@ -76,7 +76,7 @@ def check_version(v: str) -> str:
 
     try:
         parsed = Version(v)
-    except InvalidVersion as e:
+    except (InvalidVersion, ValueError) as e:  # ValueError: a release number of more digits than int() takes
         raise UserError(f"SGLang version {v!r}: expected a version like {DEFAULT_SGLANG}") from e
     if parsed.release < Version(MIN_SGLANG).release:
         raise UserError(f"SGLang {v} is older than {MIN_SGLANG}, the oldest release whose auto-round/GPTQ Marlin path "

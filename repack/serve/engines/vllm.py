@@ -31,7 +31,7 @@ RAY_PORT = 6379
 def parse_version(v: str) -> Version:
     try:
         return Version(v)
-    except InvalidVersion as e:
+    except (InvalidVersion, ValueError) as e:  # ValueError: a release number of more digits than int() takes
         raise UserError(f"--vllm-version {v!r}: expected a version like 0.33.0") from e
 
 
@@ -180,6 +180,7 @@ def select(model: planner.Model, req: planner.Request, wanted: str = "auto", vll
     """The path to launch and its flags; refuses a path that needs a conversion first, cannot run on this vLLM,
     or does not fit (unless ``force``). ``rehearsal``: measured KV cache and speed (``w3repack rehearse``)."""
     version = vllm_version or installed_vllm() or DEFAULT_VLLM
+    parse_version(version)  # one error: line for what is not a version, before anything compares it
     report = paths.plan_paths(model, req, vllm_version=version, rehearsal=rehearsal)
     path = paths.choose(report, wanted)
     if not path.runnable:
