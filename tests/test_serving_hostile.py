@@ -775,3 +775,11 @@ def test_rehearsal_well_formed_is_taken(tiny, tmp_path):
     r = cli("plan", tiny, *GPU, "--vllm-version", "0.33.0", "--rehearsal", f, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["kv_measured"].startswith("rehearsal on ")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300", "0.5"])
+def test_rehearse_timeout_must_be_a_finite_bound(tiny, tmp_path, value):
+    """A timeout that never expires would leave a hung engine running: refused before anything is built."""
+    work = tmp_path / "w"
+    assert_refused(cli("rehearse", tiny, *GPU, "--work", work, "--timeout", value), "--timeout")
+    assert not work.exists()

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from repack.cli import _output
-from repack.cli.serve import _CC, _EXTRA, _GPUS, _KV, _LEN, _MEM, _RECIPE, _RECIPE_FILE, _SPEC, _UTIL, KvDtype, _recipe
+from repack.cli.serve import _CC, _EXTRA, _GPUS, _KV, _LEN, _MEM, _RECIPE, _RECIPE_FILE, _SPEC, _UTIL, KvDtype, _number, _recipe
 
 
 class RehearsePath(str, Enum):
@@ -32,7 +32,8 @@ def rehearse_cmd(
     dense_attention: Optional[bool] = typer.Option(None, "--dense-attention/--sparse-attention",
                                                    help="DeepSeek-V3.2: rehearse the dense-attention conversion "
                                                         "(default: below sm90 only, where sparse attention has no backend)."),
-    timeout: float = typer.Option(1800.0, "--timeout", min=1.0, help="Seconds per path: start-up and measurements."),
+    timeout: float = typer.Option(1800.0, "--timeout", callback=_number(1.0, 7 * 86400.0, False),
+                                  help="Seconds per path: start-up and measurements (1 to 604800)."),
     json_out: bool = typer.Option(False, "--json", help="Print the rehearsal as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan the rank models only: build and run nothing, write nothing."),
 ) -> None:
