@@ -4,17 +4,22 @@ Builds the checkpoints the way ``scripts/gpu_check.py`` does (3-bit source, ``w3
 reference of the exactly dequantized 3-bit weights), then, each in its own ``sglang.launch_server`` on loopback:
 
 1. the launcher refuses the 3-bit source (``repack.serve.sglang.check_model``: one ``error:`` line);
-2. the float reference, float16, serves greedy completions of token-id prompts through ``/generate``;
-3. the converted model, with the command ``repack.serve.sglang.sglang_command`` writes (float16, Marlin MoE),
-   serves the same prompts; greedy tokens and chosen-token log-probs are judged against the reference as in
-   ``gpu_check.py`` (tolerance 0.05 nats in float16, near ties reported as such);
-4. ``python -m repack smoke`` runs against its OpenAI-compatible API.
+2. each engine of :data:`ENGINES` serves greedy completions of token-id prompts through ``/generate``: the float
+   reference (float16); the converted model with the argv ``repack.serve.sglang.sglang_command`` writes, in both
+   config styles (``auto-round``, the default, and ``--quant-method gptq``); the same argv in bfloat16; the 3-bit
+   source under ``--quantization humming``. Greedy tokens and chosen-token log-probs are judged against the
+   reference as in ``gpu_check.py`` (0.05 nats in float16, 0.15 in bfloat16; near ties reported as such);
+3. ``python -m repack smoke`` runs against the OpenAI-compatible API of the launcher's engines;
+4. ``scripts/sglang_trace`` (first on the servers' ``PYTHONPATH``) records the quant-method class of every MoE
+   layer each server built: the kernel it ran, named by SGLang's own classes.
 
 Prompts: 4, 17 and 61 tokens, 700 tokens (three 256-token prefill chunks), the 700 again (prefix-cache hit) and
 700 + 40. Everything is bounded by ``--deadline`` seconds (default 360); results go to ``OUT/results.json`` after
 every step, server logs to ``OUT/*.log``. Exit 0 all passed, 1 any failure or timeout.
 
-    PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_check_sglang.py --out OUT [--attention-backend triton]
+    PYTHONPATH=/tmp/sgsite:$PWD python3 scripts/gpu_check_sglang.py --out OUT [--engines ref,w4-] [--deadline S]
+
+Stock SGLang for an offline host: ``tools/sglang-offline/``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CHUNK = 256
-TOL = 0.05  # float16, as gpu_check.py
+TOL = {"float16": 0.05, "bfloat16": 0.15}  # as gpu_check.py
+# (name, checkpoint, dtype, argv appended after the launcher's, run smoke): the launcher's argv for the converted
+# model (auto-round config style, then GPTQ style), the same in bfloat16, and the 3-bit source under Humming.
+ENGINES = [
+    ("ref-float16", "ref", "float16", [], False),
+    ("w4-float16", "dst", "float16", [], True),
+    ("w4gptq-float16", "gptq", "float16", [], True),
+    ("w3humming-float16", "src", "float16", ["--quantization", "humming"], False),
+    ("w4-bfloat16", "dst", "bfloat16", ["--dtype", "bfloat16"], False),
+]
 
 
 class Deadline:
@@ -96,6 +110,17 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def read_trace(trace: Path) -> dict:
+    """Counts of quant-method descriptions the traced SGLang processes recorded (``scripts/sglang_trace``)."""
+    counts: dict = {}
+    if trace.exists():
+        for ln in trace.read_text().splitlines():
+            rec = json.loads(ln)
+            for k, v in rec.get("modules", {"trace error: " + rec.get("error", "?"): 1}).items():
+                counts[k] = counts.get(k, 0) + v
+    return counts
+
+
 def tail(log: Path, n: int = 3) -> str:
     return " / ".join(log.read_text(errors="replace").strip().splitlines()[-n:])[-400:] if log.exists() else ""
 
@@ -152,6 +177,7 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=360.0, help="seconds for the whole check")
     ap.add_argument("--attention-backend", default="triton", help="passed after the launcher's flags (triton: no FA3 needed)")
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--engines", default="", help="comma-separated name prefixes of ENGINES to run (default all)")
     ap.add_argument("--cuda-graph", action="store_true", help="keep CUDA graphs (slower start); default --disable-cuda-graph")
     args = ap.parse_args()
     dl = Deadline(args.deadline)
@@ -172,8 +198,16 @@ def main() -> int:
 
     work = args.work or out.parent / "gpu_check_sglang_work"
     work.mkdir(parents=True, exist_ok=True)
-    paths = build(work).paths()
-    for key in ("dst", "ref"):
+    built = build(work)
+    paths = built.paths()
+    gptq = work / "dst4gptq"
+    if not (gptq / "w3repack.json").exists():
+        from repack.convert import convert
+        from repack.plan import Options
+
+        convert(built.src, gptq, Options(quant_method="gptq"))
+    paths["gptq"] = str(gptq)
+    for key in ("dst", "ref", "gptq", "src"):
         if not (Path(paths[key]) / "tokenizer.json").exists():
             write_tokenizer(Path(paths[key]), TinySpec().vocab)
     report["paths"] = paths
@@ -195,49 +229,64 @@ def main() -> int:
         row("launcher refuses the 3-bit source", "3 bits" in str(e), f"error: {e}"[:220])
 
     extra = ["--attention-backend", args.attention_backend, "--chunked-prefill-size", str(CHUNK),
-             "--grammar-backend", "none"] + ([] if args.cuda_graph else ["--disable-cuda-graph"])
-    pypath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), str(ROOT)) if x)
-    env = dict(os.environ, PYTHONPATH=pypath, PYTHONUNBUFFERED="1")
+             "--grammar-backend", "none", "--sampling-backend", "pytorch"] + ([] if args.cuda_graph else ["--disable-cuda-graph"])
+    trace_dir = ROOT / "scripts" / "sglang_trace"
+    pypath = os.pathsep.join(x for x in (str(trace_dir), os.environ.get("PYTHONPATH"), str(ROOT)) if x)
     pr = prompts()
     engines: dict = {}
     report["engines"] = engines
-    for name, key in (("ref-float16", "ref"), ("w4-float16", "dst")):
+    ref: dict = {}
+    wanted = [e for e in ENGINES if not args.engines or any(e[0].startswith(p) for p in args.engines.split(","))]
+    for name, key, dtype, more, smoke in wanted:
         if dl.left() < 30:
             row(f"{name} served", False, "no time left")
             break
-        model = planner.load_model(paths[key])
+        if key not in paths:
+            row(f"{name} served", False, f"no {key} checkpoint")
+            continue
+        base = paths["dst"] if key in ("src", "ref") else paths[key]  # the argv of dst, path swapped, for those
+        model = planner.load_model(base)
         w = planner.weights_per_gpu(model, 1, 1).per_stage[0] / sg.GIB
-        launch = sg.sglang_command(paths[key], model, w, gpu, 1, python=sys.executable, port=args.port,
-                                   context_length=2048, dtype="float16", extra_args=extra)
-        engines[name] = serve_and_generate(name, launch.argv, args.port, out, env, pr, dl, args.max_tokens,
-                                           smoke_tokens=1500 if key == "dst" else 0)
-        eng = engines[name]
+        launch = sg.sglang_command(base, model, w, gpu, 1, python=sys.executable, port=args.port,
+                                   context_length=2048, dtype="float16", extra_args=extra + more)
+        argv = list(launch.argv)
+        argv[len(sg.HEAD)] = paths[key]
+        trace = out / f"{name}.trace.jsonl"
+        env = dict(os.environ, PYTHONPATH=pypath, PYTHONUNBUFFERED="1", W3REPACK_SGLANG_TRACE=str(trace))
+        eng = engines[name] = serve_and_generate(name, argv, args.port, out, env, pr, dl, args.max_tokens,
+                                                 smoke_tokens=1500 if smoke else 0)
+        eng["quant_methods"] = read_trace(trace)
         row(f"{name} served", bool(eng.get("up")) and "results" in eng,
-            f"startup {eng.get('startup_seconds')} s" + (f"; {eng['error']}" if eng.get("error") else ""))
-    ref, w4 = engines.get("ref-float16", {}).get("results", {}), engines.get("w4-float16", {}).get("results", {})
-    if w4:
-        row("w4 MoE on Marlin (log mentions marlin)", engines["w4-float16"]["marlin_seen"], "server log")
+            f"startup {eng.get('startup_seconds')} s; " + "; ".join(f"{k} x{v}" for k, v in eng["quant_methods"].items())
+            + (f"; {eng['error']}" if eng.get("error") else ""))
+        if key == "ref":
+            ref = eng.get("results", {})
+            continue
+        got_all = eng.get("results", {})
+        tol = TOL[dtype]
         flat = {n: ids for rnd in pr.values() for n, ids in rnd.items()}
-        for p, got in w4.items():
+        for p, got in got_all.items():
             if "error" in got:
-                row(f"w4 vs float ref: {p}", False, got["error"])
+                row(f"{name} vs float ref: {p}", False, got["error"])
                 continue
             refs = {m: ref[m] for m in ref if flat.get(m) == flat[p] and "error" not in ref[m]}
             if not refs:
-                row(f"w4 vs float ref: {p}", False, "no reference run of these ids")
+                row(f"{name} vs float ref: {p}", False, "no reference run of these ids")
                 continue
-            c = judge(got, refs, TOL)
-            row(f"w4 vs float ref: {p}", c["verdict"] != "mismatch", describe(c, TOL))
-        hit = (w4.get("long_700_cached") or {}).get("cached_tokens")
-        row("w4 prefix-cache hit on the repeated long prompt", bool(hit), f"cached_tokens={hit}")
-        sm = engines["w4-float16"]
-        checks = (sm.get("smoke") or {}).get("checks")
-        if not checks:
-            row("w3repack smoke", False, f"rc={sm.get('smoke_rc')} {sm.get('smoke_output', '')[-300:]}")
-        for ch in checks or []:
-            row(f"smoke {ch.get('name')}", bool(ch.get("ok")), str(ch.get("detail"))[:200])
+            c = judge(got, refs, tol)
+            eng.setdefault("verdicts", {})[p] = c
+            row(f"{name} vs float ref: {p}", c["verdict"] != "mismatch", describe(c, tol))
+        if got_all:
+            hit = (got_all.get("long_700_cached") or {}).get("cached_tokens")
+            row(f"{name} prefix-cache hit on the repeated long prompt", bool(hit), f"cached_tokens={hit}")
+        if smoke:
+            checks = (eng.get("smoke") or {}).get("checks")
+            if not checks:
+                row(f"{name} w3repack smoke", False, f"rc={eng.get('smoke_rc')} {eng.get('smoke_output', '')[-300:]}")
+            for ch in checks or []:
+                row(f"{name} smoke {ch.get('name')}", bool(ch.get("ok")), str(ch.get("detail"))[:200])
     failed = [r for r in report["checks"] if r["status"] == "FAIL"]
-    report["passed"] = not failed and any(r["check"].startswith("w4 vs float ref") for r in report["checks"])
+    report["passed"] = not failed and any(" vs float ref" in r["check"] for r in report["checks"])
     save(out, report)
     print(f"{len(report['checks']) - len(failed)} passed, {len(failed)} failed", flush=True)
     return 0 if report["passed"] else 1
