@@ -126,13 +126,13 @@ def tail(log: Path, n: int = 3) -> str:
 
 
 def serve_and_generate(name: str, argv: list[str], port: int, out: Path, env: dict, pr: dict, dl: Deadline,
-                       max_tokens: int, smoke_tokens: int = 0) -> dict:
-    """Start one server, run the prompts (round by round), optionally smoke, stop it."""
+                       max_tokens: int, smoke_tokens: int = 0, started: tuple | None = None) -> dict:
+    """Start one server (or take ``started``: its process and start time), run the prompts (round by round),
+    optionally smoke, stop it."""
     url = f"http://127.0.0.1:{port}"
     log = out / f"{name}.log"
     rec: dict = {"argv": argv}
-    t0 = time.monotonic()
-    proc = start(argv, log, env)
+    proc, t0 = started or (start(argv, log, env), time.monotonic())
     try:
         rec["up"] = wait_up(url, proc, dl)
         rec["startup_seconds"] = round(time.monotonic() - t0, 1)
@@ -178,6 +178,8 @@ def main() -> int:
     ap.add_argument("--attention-backend", default="triton", help="passed after the launcher's flags (triton: no FA3 needed)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--engines", default="", help="comma-separated name prefixes of ENGINES to run (default all)")
+    ap.add_argument("--parallel", type=float, default=0.0, metavar="FRACTION",
+                    help="start every engine at once, each on its own port with --mem-fraction-static FRACTION")
     ap.add_argument("--cuda-graph", action="store_true", help="keep CUDA graphs (slower start); default --disable-cuda-graph")
     args = ap.parse_args()
     dl = Deadline(args.deadline)
@@ -237,24 +239,36 @@ def main() -> int:
     report["engines"] = engines
     ref: dict = {}
     wanted = [e for e in ENGINES if not args.engines or any(e[0].startswith(p) for p in args.engines.split(","))]
-    for name, key, dtype, more, smoke in wanted:
-        if dl.left() < 30:
-            row(f"{name} served", False, "no time left")
-            break
+    launches: dict = {}
+    for i, (name, key, _dtype, more, _smoke) in enumerate(wanted):
         if key not in paths:
-            row(f"{name} served", False, f"no {key} checkpoint")
             continue
         base = paths["dst"] if key in ("src", "ref") else paths[key]  # the argv of dst, path swapped, for those
         model = planner.load_model(base)
         w = planner.weights_per_gpu(model, 1, 1).per_stage[0] / sg.GIB
-        launch = sg.sglang_command(base, model, w, gpu, 1, python=sys.executable, port=args.port,
-                                   context_length=2048, dtype="float16", extra_args=extra + more)
+        port = args.port + (i if args.parallel else 0)
+        share = ["--mem-fraction-static", f"{args.parallel:g}"] if args.parallel else []
+        launch = sg.sglang_command(base, model, w, gpu, 1, python=sys.executable, port=port,
+                                   context_length=2048, dtype="float16", extra_args=extra + more + share)
         argv = list(launch.argv)
         argv[len(sg.HEAD)] = paths[key]
         trace = out / f"{name}.trace.jsonl"
         env = dict(os.environ, PYTHONPATH=pypath, PYTHONUNBUFFERED="1", W3REPACK_SGLANG_TRACE=str(trace))
-        eng = engines[name] = serve_and_generate(name, argv, args.port, out, env, pr, dl, args.max_tokens,
-                                                 smoke_tokens=1500 if smoke else 0)
+        launches[name] = (argv, port, env, trace)
+    started = {n: (start(a, out / f"{n}.log", e), time.monotonic()) for n, (a, _p, e, _t) in launches.items()} \
+        if args.parallel else {}
+    for name, key, dtype, _more, smoke in wanted:
+        if name not in launches:
+            row(f"{name} served", False, f"no {key} checkpoint")
+            continue
+        if dl.left() < 30:
+            row(f"{name} served", False, "no time left")
+            if name in started:
+                stop(started[name][0])
+            continue
+        argv, port, env, trace = launches[name]
+        eng = engines[name] = serve_and_generate(name, argv, port, out, env, pr, dl, args.max_tokens,
+                                                 smoke_tokens=1500 if smoke else 0, started=started.get(name))
         eng["quant_methods"] = read_trace(trace)
         row(f"{name} served", bool(eng.get("up")) and "results" in eng,
             f"startup {eng.get('startup_seconds')} s; " + "; ".join(f"{k} x{v}" for k, v in eng["quant_methods"].items())

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 
-def fake_tools(d: Path, gpus: int = 1, mib: int = 24576, vllm: str = "0.26.0", sglang: str = "0.5.17") -> tuple[dict, Path]:
+def fake_tools(d: Path, gpus: int = 1, mib: int = 24576, vllm: str = "0.26.0", sglang: str = "0.5.19") -> tuple[dict, Path]:
     """Fake GPU tools and engines in ``d/bin``; engines record into ``d/rec``. Returns (environment, rec)."""
     b, rec = d / "bin", d / "rec"
     b.mkdir(parents=True)

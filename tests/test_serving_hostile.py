@@ -113,7 +113,7 @@ def test_vllm_script_hands_the_engine_exactly_the_intended_argv(tiny_model, name
 @given(name=text, extra=st.lists(text, max_size=6), env=st.dictionaries(env_key, text, max_size=3), rname=text)
 def test_sglang_script_hands_the_server_exactly_the_intended_argv(tiny_model, name, extra, env, rname):
     model_path = "/models/" + name
-    L = sg.sglang_command(model_path, tiny_model, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.17",
+    L = sg.sglang_command(model_path, tiny_model, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.19",
                           extra_args=extra, env=env)
     text_ = L.script({"name": rname, "description": rname})
     with tempfile.TemporaryDirectory() as d:
@@ -193,7 +193,7 @@ def test_sglang_launch_cli_with_a_hostile_folder_name(tiny, tmp_path):
     hostile = copy_model(tiny, tmp_path / "sg\n'}$(touch PWNED)")
     s = tmp_path / "s.sh"
     extra = ["--x$(touch PWNED)", "v"]
-    r = cli("launch", hostile, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.17", "--", *extra)
+    r = cli("launch", hostile, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.19", "--", *extra)
     assert r.returncode == 0, r.stderr
     tools, rec = fake_tools(tmp_path / "t")
     (tmp_path / "w").mkdir()
@@ -259,7 +259,7 @@ def test_env_key_checked_where_the_script_is_built(tiny_model, tmp_path):
     with pytest.raises(UserError, match="X;touch"):
         launcher.script("/m", dataclasses.replace(sel.plan, env={"X;touch PWNED": "1"}), sel.flags)
     with pytest.raises(UserError, match="A B"):
-        sg.sglang_command("/m", tiny_model, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.17", env={"A B": "1"}).script()
+        sg.sglang_command("/m", tiny_model, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.19", env={"A B": "1"}).script()
     with pytest.raises(UserError, match="NUL"):
         launcher.script("/m", dataclasses.replace(sel.plan, env={"A": "x\x00y"}), sel.flags)
 
@@ -681,11 +681,11 @@ def test_sglang_trust_remote_code_only_when_asked(tiny, tmp_path):
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
     (m / "config.json").write_text(json.dumps(cfg))
     s = tmp_path / "s.sh"
-    r = cli("launch", m, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.17")
+    r = cli("launch", m, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.19")
     assert r.returncode == 0, r.stderr
     assert "--trust-remote-code" not in s.read_text().split("exec ")[-1]
     assert "auto_map" in r.stderr and "--trust-remote-code" in r.stderr
-    r = cli("launch", m, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.17", "--trust-remote-code",
+    r = cli("launch", m, "-o", s, *GPU, "--engine", "sglang", "--sglang-version", "0.5.19", "--trust-remote-code",
             "--overwrite")
     assert r.returncode == 0, r.stderr
     tools, rec = fake_tools(tmp_path / "t")

@@ -36,7 +36,7 @@ W8 = hand_weights_per_gpu(8) / GIB
 
 def test_345b_8x3090_golden(replica):
     rec = recipes.load("deepseek-v3.2-reap-345b-w3a16-8x3090")
-    L = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.17")
+    L = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.19")
     # hand: reserve 512 + 2048*1.5 + 1024 + 80*2 + 1536 = 6304 MiB of 24576 -> 0.743; P = 24 - 0.5 - 0.5 = 23 GiB
     static = 0.743 * 23.0
     off = math.ceil(W8 - static + KV_345B * 8192 / GIB)
@@ -56,7 +56,7 @@ def test_345b_8x3090_golden(replica):
 
 def test_345b_8xa100_golden(replica):
     rec = recipes.load("deepseek-v3.2-reap-345b-w3a16-8xa100-40g")
-    L = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.17")
+    L = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.19")
     # hand: reserve 512 + 4096*1.5 + 1024 + 160*2 + 1536 = 9536 MiB of 40960 -> 0.767; P = 39 GiB
     kv_gib = 0.767 * 39.0 - W8
     assert L.argv == ["python3", "-m", "sglang.launch_server", "--model-path", PLACEHOLDER, "--tp-size", "8",
@@ -79,7 +79,7 @@ def test_345b_h200_leaves_dsa_to_sglang_and_warns_about_fp16(replica):
 def test_tiny_golden_sm90_and_sm86(tiny):
     _, dst = tiny
     h100 = planner.Gpu(1, 80.0, "9.0", "NVIDIA H100 80GB HBM3")
-    L = sg.sglang_command("/m/tiny", dst, 0.1, h100, version="0.5.17", context_length=2048)
+    L = sg.sglang_command("/m/tiny", dst, 0.1, h100, version="0.5.19", context_length=2048)
     # hand: reserve max(512 + 8192*1.5 + 128 + 256*2 + 1536, 10240) = 14976 MiB of 81920 -> 0.817
     assert L.argv == ["python3", "-m", "sglang.launch_server", "--model-path", "/m/tiny", "--tp-size", "1",
                       "--dtype", "float16", "--attention-backend", "fa3", "--mem-fraction-static", "0.817",
@@ -87,7 +87,7 @@ def test_tiny_golden_sm90_and_sm86(tiny):
     assert L.memory.kv_bytes_per_token == 576 * 2 * 2  # 2 layers, no indexer
     assert L.memory.kv_pool_gib == pytest.approx(0.817 * 79.5 - 0.1, abs=1e-3)
     a6000 = planner.Gpu(2, 48.0, "8.6", "NVIDIA RTX A6000")
-    L2 = sg.sglang_command("/m/tiny", dst, 0.1, a6000, version="0.5.17", context_length=4096, port=8011,
+    L2 = sg.sglang_command("/m/tiny", dst, 0.1, a6000, version="0.5.19", context_length=4096, port=8011,
                            consumer_pcie=False, extra_args=["--disable-cuda-graph"])
     # hand: reserve 512 + 4096*1.5 + 256 + 32*2 + 1536 = 8512 MiB of 49152 -> 0.827
     assert L2.argv == ["python3", "-m", "sglang.launch_server", "--model-path", "/m/tiny", "--tp-size", "2",
@@ -98,7 +98,7 @@ def test_tiny_golden_sm90_and_sm86(tiny):
 
 def test_tiny_auto_context_is_capped_by_the_model(tiny):
     _, dst = tiny
-    L = sg.sglang_command("/m", dst, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.17")
+    L = sg.sglang_command("/m", dst, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.19")
     assert L.memory.context_length == 4096  # TinySpec's max_position_embeddings; the pool holds far more
     assert L.memory.max_total_tokens > 1_000_000
 
@@ -122,7 +122,7 @@ def test_memory_rule_by_hand():
 
 def test_script_is_valid_bash_and_checks_version(replica, tmp_path):
     rec = recipes.load("deepseek-v3.2-reap-345b-w3a16-8x3090")
-    s = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.17").script(rec)
+    s = sg.from_recipe(PLACEHOLDER, replica, W8, rec, version="0.5.19").script(rec)
     p = tmp_path / "serve.sh"
     p.write_text(s)
     assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
@@ -134,7 +134,7 @@ def test_script_is_valid_bash_and_checks_version(replica, tmp_path):
 
 def test_script_preflight_refuses_old_sglang(tiny, tmp_path):
     _, dst = tiny
-    s = sg.sglang_command("/m", dst, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.17").script()
+    s = sg.sglang_command("/m", dst, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.19").script()
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 24576\n")
@@ -148,7 +148,7 @@ def test_script_preflight_refuses_old_sglang(tiny, tmp_path):
 
 
 def test_versions():
-    assert sg.check_version("0.5.17") == "0.5.17"
+    assert sg.check_version("0.5.19") == "0.5.19"
     assert sg.check_version("0.5.10.post1") == "0.5.10.post1"
     assert sg.check_version("0.6.0rc1") == "0.6.0rc1"
     with pytest.raises(UserError, match="older than 0.5.10"):
@@ -160,7 +160,7 @@ def test_versions():
 def test_refuses_3bit_source_and_quantized_kv_b(tiny, replica, tmp_path):
     src, _ = tiny
     with pytest.raises(UserError, match=r"modules at 3 bits; SGLang cannot load them.*w3repack convert"):
-        sg.sglang_command("/m", src, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.17")
+        sg.sglang_command("/m", src, 0.1, planner.Gpu(1, 24.0, "8.6"), version="0.5.19")
     m = planner.Model(replica.root, replica.config, [t for t in replica.tensors if "kv_b_proj" not in t[0]]
                       + [("model.layers.0.self_attn.kv_b_proj.qweight", "I32", (64, 32768), 0),
                          ("model.layers.0.self_attn.kv_b_proj.qzeros", "I32", (4, 4096), 0),
@@ -175,8 +175,8 @@ def test_reserve_warning_only_above_sglangs_default(tiny):
     compared that reserve with the slack of a smaller pre-load figure and warned on every default launch."""
     _, dst = tiny
     h100 = planner.Gpu(1, 80.0, "9.0", "NVIDIA H100 80GB HBM3")
-    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.17", context_length=2048)
+    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.19", context_length=2048)
     assert L.memory.mem_fraction_static == 0.817 and not any("for activations and CUDA graphs" in w for w in L.warnings)
-    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.17", context_length=2048, mem_fraction_static=0.9)
+    L = sg.sglang_command("/m", dst, 0.1, h100, version="0.5.19", context_length=2048, mem_fraction_static=0.9)
     assert any(w.startswith("--mem-fraction-static 0.9 leaves 7.95 GiB for activations and CUDA graphs; SGLang's own "
                             "estimate is 14.62 GiB (its default here: 0.817)") for w in L.warnings), L.warnings

@@ -113,7 +113,7 @@ def test_gqa_kv_bytes_per_token_by_hand(qwen3_w4, glm_w4):
 
 def test_qwen3_235b_at_tp4_golden(qwen3_w4, tmp_path):
     mp = "/models/Qwen3-235B-A22B-W4A16"
-    L = SGLANG.plan(qwen3_w4, _request(qwen3_w4, 4), model_path=mp, version="0.5.17")
+    L = SGLANG.plan(qwen3_w4, _request(qwen3_w4, 4), model_path=mp, version="0.5.19")
     w = qwen3_hand(4, bits=4) / GIB  # routed experts whole per GPU under --ep-size: the same bytes on average
     pool = F_GQA * P - w
     assert L.memory.weights_gib_per_gpu == pytest.approx(w, abs=6e-4)
@@ -127,7 +127,7 @@ def test_qwen3_235b_at_tp4_golden(qwen3_w4, tmp_path):
 
 def test_glm46_at_tp4_golden(glm_w4, tmp_path):
     mp = "/models/GLM-4.6-W4A16"
-    L = SGLANG.plan(glm_w4, _request(glm_w4, 4), model_path=mp, version="0.5.17")
+    L = SGLANG.plan(glm_w4, _request(glm_w4, 4), model_path=mp, version="0.5.19")
     w = glm_hand(4, bits=4) / GIB  # without the MTP layer: SGLang skips layers.92 unless speculating
     pool = F_GQA * P - w
     assert L.memory.weights_gib_per_gpu == pytest.approx(w, abs=6e-4)
@@ -139,7 +139,7 @@ def test_glm46_at_tp4_golden(glm_w4, tmp_path):
 
 def test_deepseek_345b_at_tp4_golden(deepseek_w4, tmp_path):
     mp = "/models/DeepSeek-V3.2-REAP-345B-W4A16"
-    L = SGLANG.plan(deepseek_w4, _request(deepseek_w4, 4), model_path=mp, version="0.5.17")
+    L = SGLANG.plan(deepseek_w4, _request(deepseek_w4, 4), model_path=mp, version="0.5.19")
     w = hand_weights_per_gpu(4) / GIB
     kv = ((KV_LORA + ROPE) * 2 + 132) * 61  # MLA latent + rope in 16-bit on every GPU, DSA indexer cache
     assert L.memory.weights_gib_per_gpu == pytest.approx(w, abs=6e-4)
@@ -154,7 +154,7 @@ def test_qwen3_at_tp8_runs_under_sglangs_expert_parallel_layout(qwen3_w4):
     passes --ep-size for GPTQ experts, so experts stay whole and the rest splits cleanly: one KV head per GPU."""
     req = _request(qwen3_w4, 8)
     assert planner.problems(qwen3_w4, req)  # what keeps the vLLM plan of the same request from fitting
-    L = SGLANG.plan(qwen3_w4, req, model_path="/m", version="0.5.17")
+    L = SGLANG.plan(qwen3_w4, req, model_path="/m", version="0.5.19")
     fraction = 0.897  # reserve 512 + 12288 + 8/8 x 1024 + 1024 = 14848 MiB of 143769.6
     assert L.argv == _argv("/m", 8, fraction, 40960)
     assert L.memory.fits and L.sglang.fits and L.sglang.layout_problems == []
@@ -169,8 +169,8 @@ def test_glm46_at_tp8_shared_expert_does_not_split(glm_w4, tmp_path):
     req = _request(glm_w4, 8)
     with pytest.raises(UserError, match=r"SGLang plan does not fit: TP 8 with --ep-size 8 does not split the model "
                                         r"into whole ranks: .*shared_experts\.down_proj"):
-        SGLANG.plan(glm_w4, req, version="0.5.17")
-    L = SGLANG.plan(glm_w4, req, model_path="/m", version="0.5.17", force=True)
+        SGLANG.plan(glm_w4, req, version="0.5.19")
+    L = SGLANG.plan(glm_w4, req, model_path="/m", version="0.5.19", force=True)
     assert not L.memory.fits and L.sglang.memory.fits  # the memory alone would fit
     assert "fits: NO: TP 8 with --ep-size 8 does not split" in SGLANG.script(L)
 
@@ -183,7 +183,7 @@ def test_engine_registry_and_cli_choices():
     with pytest.raises(UserError, match="--engine 'tgi': expected one of vllm, sglang"):
         engines.engine_for("tgi")
     assert engines.engine_for("vllm").version("0.30.1+cu128") == "0.30.1+cu128"
-    assert SGLANG.version("0.5.17") == "0.5.17"
+    assert SGLANG.version("0.5.19") == "0.5.19"
 
 
 def _refused(*args: str) -> str:
@@ -220,16 +220,39 @@ def test_sglang_refuses_a_rehearsal_and_an_architecture_it_has_no_rules_for(tiny
         SGLANG.check(mixtral, _request(qwen3_w4, 4))
 
 
-def test_serve_dry_run_prints_what_launch_writes(tiny, tmp_path):
-    """``serve`` and ``launch`` take the same engine plan: the dry-run command is the script's argv."""
+def test_serve_dry_run_prints_what_launch_writes(tiny, tmp_path, monkeypatch):
+    """``serve`` and ``launch`` take the same engine plan: the dry-run command is the script's argv. ``serve`` plans
+    for the installed SGLang (here said to be 0.5.19: the default 0.5.17 refuses this DeepSeek model)."""
+    monkeypatch.setattr(sg, "installed_sglang", lambda: "0.5.19")
     base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "80", "--compute-capability", "9.0", "--", "--port", "9001"]
     code, out, err = w3repack_in_process("serve", tiny, "--dry-run", *base)
     assert code == 0, err
     s = tmp_path / "s.sh"
-    code, said, err = w3repack_in_process("launch", tiny, "-o", s, "--sglang-version", "0.5.17", *base)
+    code, said, err = w3repack_in_process("launch", tiny, "-o", s, "--sglang-version", "0.5.19", *base)
     assert code == 0, err
-    assert "repacked-4bit path, 1 GPUs" in said and "flags for SGLang 0.5.17" in said
+    assert "repacked-4bit path, 1 GPUs" in said and "flags for SGLang 0.5.19" in said
     tools, rec = fake_tools(tmp_path / "t", gpus=1, mib=81920)
     assert run_script(s, tools).returncode == 0
     got = [a.decode() for a in recorded(rec, "python3")]
     assert out.split() == ["python3", *got] and got[-2:] == ["--port", "9001"]
+
+
+def test_deepseek_with_quantized_q_b_proj_is_refused_on_the_releases_that_read_its_weight(tiny, tmp_path):
+    """SGLang 0.5.17 failed to build the converted tiny DeepSeek (``q_b_proj.weight`` of a quantized q_b_proj,
+    docs/validation.md); 0.5.16 and 0.5.18 carry the same line. ``launch`` refuses those versions with one error
+    line and exit 2, writes nothing, and a script written for 0.5.19 refuses them at preflight."""
+    base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "80", "--compute-capability", "9.0"]
+    for bad in ("0.5.16", "0.5.17", "0.5.18.post1"):
+        s = tmp_path / f"{bad}.sh"
+        code, out, err = w3repack_in_process("launch", tiny, "-o", s, "--sglang-version", bad, *base)
+        assert code == 2 and not s.exists(), (bad, code, err)
+        assert err.count("error:") == 1 and "q_b_proj" in err and "0.5.15 or >= 0.5.19" in err
+    for good in ("0.5.15", "0.5.19"):
+        code, _, err = w3repack_in_process("launch", tiny, "-o", tmp_path / f"{good}.sh", "--sglang-version", good, *base)
+        assert code == 0, (good, err)
+    for installed, rc in (("0.5.17", 1), ("0.5.18", 1), ("0.5.19", 0), ("0.5.15", 0)):
+        tools, rec = fake_tools(tmp_path / f"t{installed}", gpus=1, mib=81920, sglang=installed)
+        r = run_script(tmp_path / "0.5.19.sh", tools)
+        assert (r.returncode != 0) == bool(rc), (installed, r.stderr)
+        assert (b"cannot build this DeepSeek model" in r.stderr) == bool(rc)
+        assert (rec / "python3.argv").exists() != bool(rc)

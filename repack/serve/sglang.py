@@ -3,9 +3,12 @@
 Read from the SGLang 0.5.10-0.5.23 sources (not measured unless docs/serving.md says so), for the architectures
 in :data:`ARCHITECTURES` (DeepSeek-V2/V3/V3.2 with MLA; GLM-4.5+ MoE and Qwen2/Qwen3 MoE with GQA):
 
-- SGLang loads 4/8-bit symmetric GPTQ and ``auto-round`` (``auto_round:auto_gptq``) checkpoints through
-  ``gptq_marlin``; a 3-bit module gets the removed non-Marlin GPTQ kernel (``RuntimeError: The non-Marlin GPTQ
-  CUDA kernel has been removed``) or ``moe_wna16`` (4/8 bits only). :func:`check_model` refuses such a checkpoint.
+- SGLang loads 4/8-bit symmetric GPTQ and ``auto-round`` (``auto_round:auto_gptq``) linears through
+  ``gptq_marlin``; ``auto-round`` experts that Marlin could take go to ``moe_wna16`` (Triton), GPTQ-style ones to
+  the GPTQ Marlin MoE method. A 3-bit module gets the removed non-Marlin GPTQ kernel (``RuntimeError: The non-Marlin
+  GPTQ CUDA kernel has been removed``) or ``moe_wna16`` (4/8 bits only). :func:`check_model` refuses such a checkpoint.
+- Measured (0.5.17, docs/validation.md): ``DeepseekV2AttentionMLA.__init__`` reads ``q_b_proj.weight``, which a
+  quantized ``q_b_proj`` lacks; 0.5.16-0.5.18 have the line (:data:`Q_B_WEIGHT_READ`): refused for such a model.
 - Its DeepSeek loader dequantizes any ``kv_b_proj`` that has a ``qweight`` as AWQ, which misreads GPTQ packing:
   only a float ``kv_b_proj`` (``w3repack convert --kv-b-float``, the default) is served correctly (MLA only).
 - ``GPTQMarlinMoEScheme`` allocates the expert scales as float16 whatever the model dtype, and the Marlin MoE
@@ -32,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from packaging.version import Version
+
 from repack.errors import UserError
 from repack.serve import planner
 from repack.serve import shell as sh
@@ -39,6 +44,9 @@ from repack.serve.arch import ArchSpec, Layout
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
+# releases whose DeepseekV2AttentionMLA.__init__ reads ``tuple(self.q_b_proj.weight.shape)`` (read in the wheels;
+# the AttributeError measured on 0.5.17, docs/validation.md); 0.5.10-0.5.15 and 0.5.19-0.5.23 do not have the line
+Q_B_WEIGHT_READ = ((0, 5, 16), (0, 5, 18))
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 GIB = 1 << 30
@@ -93,6 +101,7 @@ class ModelFacts:
     spec: ArchSpec = field(repr=False, compare=False)  # KV heads, head_dim, sharding (repack.serve.arch)
     quant_bits: dict[int, int] = field(default_factory=dict)  # bits -> number of quantized modules
     quantized_kv_b: int = 0
+    quantized_q_b: int = 0           # MLA q_b_proj modules that are GPTQ-packed (no ``weight``)
     moe_quantized: bool = False      # routed experts are GPTQ-packed: the Marlin MoE path
     mla: bool = False
     dsa: bool = False                # DeepSeek sparse attention: SGLang's test is ``index_topk`` in the config
@@ -111,7 +120,7 @@ def facts(model: planner.Model) -> ModelFacts:
         if part in ("qzeros", "scales"):
             parts.setdefault(module, {})[part] = shape
     bits: dict[int, int] = {}
-    kv_b = 0
+    kv_b = q_b = 0
     moe_q = False
     n = model.layers
     for module, p in parts.items():
@@ -123,9 +132,10 @@ def facts(model: planner.Model) -> ModelFacts:
         b = 32 * p["qzeros"][1] // p["scales"][1]
         bits[b] = bits.get(b, 0) + 1
         kv_b += module.endswith("kv_b_proj")
+        q_b += module.endswith(".q_b_proj")
         moe_q = moe_q or ".experts." in module
     arch = (c.get("architectures") or ["?"])[0]
-    return ModelFacts(str(arch), model.spec, dict(sorted(bits.items())), kv_b, moe_q, model.mla,
+    return ModelFacts(str(arch), model.spec, dict(sorted(bits.items())), kv_b, q_b, moe_q, model.mla,
                       c.get("index_topk") is not None, "auto_map" in c, n, int(c.get("kv_lora_rank") or 0),
                       int(c.get("qk_rope_head_dim") or 0), model.max_positions)
 
@@ -288,6 +298,7 @@ class SglangLaunch:
     warnings: list[str] = field(default_factory=list)
     layout_problems: list[str] = field(default_factory=list)  # why this TP (and EP) layout holds no whole ranks
     ep_size: int = 1                 # --ep-size: routed experts whole, over ep_size GPUs
+    refused: tuple[str, str] | None = None  # (first, last) SGLang release the script's preflight refuses for this model
 
     @property
     def after_model(self) -> list[str]:
@@ -357,6 +368,12 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be in 1..65535")
     ver = check_version(version or installed_sglang() or DEFAULT_SGLANG)
+    if f.mla and f.quantized_q_b and Q_B_WEIGHT_READ[0] <= Version(ver).release[:3] <= Q_B_WEIGHT_READ[1]:
+        raise UserError(f"{model_path}: SGLang {ver} cannot build this DeepSeek model: its MLA attention reads "
+                        f"q_b_proj.weight, which the {f.quantized_q_b} quantized q_b_proj modules lack (measured on "
+                        "0.5.17: AttributeError: 'ColumnParallelLinear' object has no attribute 'weight'; the same line "
+                        "is in 0.5.16 and 0.5.18); use --sglang-version 0.5.15 or >= 0.5.19 (not run on this model), "
+                        "or --engine vllm")
     warnings: list[str] = []
     reasons: list[str] = []
     if gpu.cc_tuple < (8, 0):
@@ -424,8 +441,10 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     if disable_cuda_graph:
         argv += ["--disable-cuda-graph"]
     argv += ["--host", host, "--port", str(port), *extra_args]
+    refused = (".".join(map(str, Q_B_WEIGHT_READ[0])), ".".join(map(str, Q_B_WEIGHT_READ[1]))) \
+        if f.mla and f.quantized_q_b else None
     return SglangLaunch(model_path, argv, dict(env or {}), ver, MIN_SGLANG, gpu, tp, mem, dtype, backend,
-                        reasons, warnings, layout_problems=problems, ep_size=ep)
+                        reasons, warnings, layout_problems=problems, ep_size=ep, refused=refused)
 
 
 # ---------------------------------------------------------------- script
@@ -468,6 +487,12 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
           'version_ge "$SGLANG_VERSION" "$MIN_SGLANG" || die "SGLang $SGLANG_VERSION is older than $MIN_SGLANG, which these flags need"',
           '[ "$SGLANG_VERSION" = "$FLAGS_SGLANG" ] || echo "preflight: note: SGLang $SGLANG_VERSION installed, flags '
           'chosen for $FLAGS_SGLANG; regenerate with --sglang-version $SGLANG_VERSION if it refuses them" >&2',
+          *([] if not launch.refused else [
+              sh.assign("BAD_FROM", launch.refused[0]), sh.assign("BAD_TO", launch.refused[1]),
+              'if version_ge "$SGLANG_VERSION" "$BAD_FROM" && version_ge "$BAD_TO" "$SGLANG_VERSION"; then',
+              '  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads q_b_proj.weight, '
+              'which a quantized q_b_proj lacks); install 0.5.15 or >= 0.5.19"',
+              'fi']),
           'echo "preflight: ${#MEM_MIB[@]} GPUs, SGLang $SGLANG_VERSION: ok" >&2',
           ""]
     for k, v in env.items():

@@ -6,6 +6,7 @@
 # max context 8192 tokens at --gpu-memory-utilization 0.93 (capacity 12608 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
 # warning: consumer PCIe GPUs (no peer-to-peer): if NCCL hangs or errors at start, set NCCL_P2P_DISABLE=1 and pass --disable-custom-all-reduce
+# warning: vLLM runs this 4-bit MoE on Marlin here (below sm90, or --moe-backend marlin); a converted tiny DeepSeek-V3 under Marlin on vLLM 0.33.0 differed from its exact float reference on 4 of 8 prompts in float16 (first-token splits at reference margins 0.08-0.12 nats) (under Humming it matched on 8 of 8; docs/validation.md): check this model's output on Marlin before relying on it, or serve the 3-bit source natively
 # warning: --cpu-offload-gb 5: 5 GiB of weights per GPU live in host memory (40 GiB of pinned RAM in all) and cross PCIe on every forward pass: expect much lower throughput
 set -euo pipefail
 

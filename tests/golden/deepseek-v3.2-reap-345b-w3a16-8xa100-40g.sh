@@ -5,6 +5,7 @@
 # weights 21.79 GiB per GPU (21.79 GiB on the GPU), KV cache 70272 bytes per token, 9.38 GiB per GPU
 # max context 65536 tokens at --gpu-memory-utilization 0.9 (capacity 143232 tokens); fits: yes
 # flags chosen for vLLM 0.26.0
+# warning: vLLM runs this 4-bit MoE on Marlin here (below sm90, or --moe-backend marlin); a converted tiny DeepSeek-V3 under Marlin on vLLM 0.33.0 differed from its exact float reference on 4 of 8 prompts in float16 (first-token splits at reference margins 0.08-0.12 nats) (under Humming it matched on 8 of 8; docs/validation.md): check this model's output on Marlin before relying on it, or serve the 3-bit source natively
 set -euo pipefail
 
 [ -n "${MODEL:-}" ] || MODEL=/models/DeepSeek-V3.2-REAP-345B-W4A16

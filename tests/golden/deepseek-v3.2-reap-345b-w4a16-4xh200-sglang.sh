@@ -3,7 +3,7 @@
 # plan: 4 GPUs of 140.4 GiB, cc 9.0, TP 4 with expert parallelism (--ep-size 4)
 # weights 43.56 GiB per GPU (43.56 GiB on the GPU), KV 78324 bytes per token, KV pool 80.50 GiB = 0.89 x 139.40 GiB - weights
 # context 163840 tokens (pool 1103627 tokens); fits: yes
-# flags chosen for SGLang 0.5.17
+# flags chosen for SGLang 0.5.19
 # why: float16: SGLang's GPTQ Marlin MoE allocates expert scales as float16 and asserts the activations match (sglang issues #20599, #36822), so a bfloat16 model fails at its first forward; the checkpoint's scales are float16, so nothing is rounded
 # why: attention backend left to SGLang: index_topk in the config selects its DSA (sparse) backend, whose CUDA kernels (flashmla_sparse prefill, fa3 decode) need sm90+
 # why: --ep-size 4: SGLang's GPTQ Marlin MoE sizes w2_scales for the full intermediate size when desc_act is false, which is wrong under MoE tensor parallelism; whole experts per GPU (moe_tp_size 1) avoid it
@@ -15,7 +15,7 @@ PYTHON="${PYTHON:-python3}"
 NEED_GPUS=4
 NEED_MIB=140894
 MIN_SGLANG=0.5.10
-FLAGS_SGLANG=0.5.17
+FLAGS_SGLANG=0.5.19
 
 die() { echo "preflight: $*" >&2; exit 1; }
 version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$2" ]; }
@@ -33,6 +33,11 @@ SGLANG_VERSION="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version(
 SGLANG_VERSION="${SGLANG_VERSION%%+*}"
 version_ge "$SGLANG_VERSION" "$MIN_SGLANG" || die "SGLang $SGLANG_VERSION is older than $MIN_SGLANG, which these flags need"
 [ "$SGLANG_VERSION" = "$FLAGS_SGLANG" ] || echo "preflight: note: SGLang $SGLANG_VERSION installed, flags chosen for $FLAGS_SGLANG; regenerate with --sglang-version $SGLANG_VERSION if it refuses them" >&2
+BAD_FROM=0.5.16
+BAD_TO=0.5.18
+if version_ge "$SGLANG_VERSION" "$BAD_FROM" && version_ge "$BAD_TO" "$SGLANG_VERSION"; then
+  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads q_b_proj.weight, which a quantized q_b_proj lacks); install 0.5.15 or >= 0.5.19"
+fi
 echo "preflight: ${#MEM_MIB[@]} GPUs, SGLang $SGLANG_VERSION: ok" >&2
 
 exec "$PYTHON" -m sglang.launch_server \

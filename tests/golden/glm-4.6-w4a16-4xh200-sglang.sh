@@ -3,7 +3,7 @@
 # plan: 4 GPUs of 140.4 GiB, cc 9.0, TP 4 with expert parallelism (--ep-size 4)
 # weights 43.34 GiB per GPU (43.34 GiB on the GPU), KV 94208 bytes per token, KV pool 82.12 GiB = 0.9 x 139.40 GiB - weights
 # context 202752 tokens (pool 935979 tokens); fits: yes
-# flags chosen for SGLang 0.5.17
+# flags chosen for SGLang 0.5.19
 # why: float16: SGLang's GPTQ Marlin MoE allocates expert scales as float16 and asserts the activations match (sglang issues #20599, #36822), so a bfloat16 model fails at its first forward; the checkpoint's scales are float16, so nothing is rounded
 # why: attention backend left to SGLang: its own default for GQA, FA3 on Hopper for Glm4Moe and Qwen3Moe (is_fa3_default_architecture), else FlashInfer (Triton without it)
 # why: --ep-size 4: SGLang's GPTQ Marlin MoE sizes w2_scales for the full intermediate size when desc_act is false, which is wrong under MoE tensor parallelism; whole experts per GPU (moe_tp_size 1) avoid it
@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-python3}"
 NEED_GPUS=4
 NEED_MIB=140894
 MIN_SGLANG=0.5.10
-FLAGS_SGLANG=0.5.17
+FLAGS_SGLANG=0.5.19
 
 die() { echo "preflight: $*" >&2; exit 1; }
 version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$2" ]; }

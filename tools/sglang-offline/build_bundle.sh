@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build folders (each < 60 MiB) that install stock SGLang on an offline GPU host that has torch 2.11 (CPython 3.12).
-#   bash tools/sglang-offline/build_bundle.sh [SGLANG_VERSION [SGLANG_KERNEL_VERSION]]   (default 0.5.17 0.4.5)
+#   [PINS="flashinfer-python==0.6.18 ..."] bash tools/sglang-offline/build_bundle.sh [SGLANG_VERSION [SGLANG_KERNEL_VERSION]]
+# (default 0.5.17 0.4.5; requirements.txt is that release's closure, PINS replace its lines of the same names)
 # Run from anywhere inside the checkout; needs pip access to a package index here, none on the GPU host.
 # Writes .sglang1/ .sglang2/ ... at the checkout's root (ignored through .git/info/exclude). On the host, run
 # `python3 .sglangN/unpack.py` for each folder (any order); the last one extracts everything into /tmp/sgsite.
@@ -20,7 +21,10 @@ for n in 34 31 28 27 24 17 5; do plat="$plat --platform manylinux_2_${n}_x86_64"
 plat="$plat --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
 export PIP_FIND_LINKS=
 pip download -q --isolated --no-deps $plat -d "$work/w" "sglang==$SGLANG" "sglang-kernel==$KERNEL"
-grep -v '^#' "$here/requirements.txt" | xargs pip download -q --isolated --no-deps $plat -d "$work/w"
+skip='^#'
+for p in ${PINS:-}; do skip="$skip|^${p%%[=<>]*}=="; done
+{ grep -vE "$skip" "$here/requirements.txt"; for p in ${PINS:-}; do echo "$p"; done; } |
+  xargs pip download -q --isolated --no-deps $plat -d "$work/w"
 python3 - "$work/w" "$work/site" <<'PY'
 """Unzip every wheel into one site folder: <name>.data/{purelib,platlib} merged into the root, scripts dropped."""
 import pathlib, shutil, sys, zipfile
@@ -39,7 +43,7 @@ s="$work/site"
 rm -rf "$s/sgl_kernel/flash_ops.abi3.so" "$s/sgl_kernel/sm100" "$s/xgrammar/lib"
 find "$s" -name __pycache__ -prune -exec rm -rf {} +
 printf '%s\n' "sglang==$SGLANG" "sglang-kernel==$KERNEL" > "$s/SGLANG_BUNDLE"
-(cd "$s" && tar cf - .) | xz -T0 -9 > "$work/site.tar.xz"
+(cd "$s" && tar cf - .) | xz -T0 -6 > "$work/site.tar.xz"
 rm -rf .sglang[0-9]*
 (cd "$work" && split -b 58M -d -a 1 site.tar.xz part.)
 parts=("$work"/part.*)

@@ -60,6 +60,13 @@ def positive_int(config: dict, key: str, default: int | None = None, where: str 
     return v
 
 
+def marlin_warning(family: str, result: str) -> str:
+    """The planner's warning for a repack that vLLM runs on Marlin, from one family's failed GPU check."""
+    return (f"vLLM runs this 4-bit MoE on Marlin here (below sm90, or --moe-backend marlin); a converted tiny {family} "
+            f"under Marlin on vLLM 0.33.0 {result} (under Humming it matched on 8 of 8; docs/validation.md): check this "
+            "model's output on Marlin before relying on it, or serve the 3-bit source natively")
+
+
 class ArchSpec:
     """The generic rules (see the module docstring). Subclasses override the class sets and hooks."""
 

@@ -7,7 +7,7 @@ on their width, the router ``gate`` (and Qwen2-MoE's ``shared_expert_gate``) rep
 
 from __future__ import annotations
 
-from repack.serve.arch.base import ArchSpec
+from repack.serve.arch.base import ArchSpec, marlin_warning
 
 
 class QwenMoeSpec(ArchSpec):
@@ -15,7 +15,4 @@ class QwenMoeSpec(ArchSpec):
     architectures = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
     replicated = ArchSpec.replicated | {"shared_expert_gate"}
     expert_count_keys = ("num_experts",)
-    marlin_caveat = ("vLLM runs this 4-bit MoE on Marlin here (below sm90, or --moe-backend marlin); a converted tiny "
-                     "Qwen3-MoE under Marlin on vLLM 0.33.0 differed from its exact float reference on 6 of 8 prompts "
-                     "(under Humming it matched on 8 of 8; docs/validation.md): check this model's output on Marlin "
-                     "before relying on it, or serve the 3-bit source natively")
+    marlin_caveat = marlin_warning("Qwen3-MoE", "differed from its exact float reference on 6 of 8 prompts in float16")
