@@ -243,6 +243,11 @@ def test_launch_sglang_engine(tiny, tmp_path):
     src, dst = tiny
     out = tmp_path / "sg.sh"
     base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "24", "--compute-capability", "8.6"]
+    # the default release (0.5.17) reads q_b_proj.weight, which this model's quantized q_b_proj lacks
+    r = run("launch", dst, "-o", out, *base)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "q_b_proj" in r.stderr, r.stderr
+    assert not out.exists()
+    base += ["--sglang-version", "0.5.19"]
     r = run("launch", dst, "-o", out, *base, "--", "--port", "30123")
     assert r.returncode == 0, r.stderr
     text = out.read_text()
