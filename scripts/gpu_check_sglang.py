@@ -17,7 +17,7 @@ Prompts: 4, 17 and 61 tokens, 700 tokens (three 256-token prefill chunks), the 7
 700 + 40. Everything is bounded by ``--deadline`` seconds (default 360); results go to ``OUT/results.json`` after
 every step, server logs to ``OUT/*.log``. Exit 0 all passed, 1 any failure or timeout.
 
-    PYTHONPATH=/tmp/sgsite:$PWD python3 scripts/gpu_check_sglang.py --out OUT [--engines ref,w4-] [--deadline S]
+    PYTHONPATH=$(cat /tmp/sgsite/PYTHONPATH):$PWD python3 scripts/gpu_check_sglang.py --out OUT [--engines ref,w4-] [--deadline S]
 
 Stock SGLang for an offline host: ``tools/sglang-offline/``.
 """

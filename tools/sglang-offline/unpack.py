@@ -1,7 +1,9 @@
 """Run on the GPU host: stage this folder's part; once every part is staged, check and extract into /tmp/sgsite.
 
 Layout: ``BUNDLE`` holds ``<number of parts> <sha256 of site.tar.xz>``; ``part.<k>`` are its pieces in order.
-Prints ``ready`` when /tmp/sgsite holds the whole tree, else how many parts are still missing.
+Prints ``ready`` when /tmp/sgsite holds the whole tree, else how many parts are still missing. ``PYTHONPATH`` does
+not read ``.pth`` files, so the path lines of the tree's root ``*.pth`` (nvidia-cutlass-dsl's puts ``cutlass`` under
+``nvidia_cutlass_dsl/python_packages``) go after /tmp/sgsite in ``/tmp/sgsite/PYTHONPATH``, printed as an export.
 """
 import glob
 import hashlib
@@ -33,4 +35,12 @@ else:
         raise SystemExit(f"error: {whole}: sha256 {digest.hexdigest()} is not the bundle's {sha}")
     with lzma.open(whole) as f:
         tarfile.open(fileobj=f).extractall(site)
+    paths = [site]
+    for pth in sorted(glob.glob(os.path.join(site, "*.pth"))):
+        with open(pth) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith(("#", "import"))]
+        paths += [os.path.join(site, ln) for ln in lines if os.path.isdir(os.path.join(site, ln))]
+    with open(os.path.join(site, "PYTHONPATH"), "w") as f:
+        f.write(os.pathsep.join(paths) + "\n")
     print("ready", site)
+    print("export PYTHONPATH=" + os.pathsep.join(paths) + '${PYTHONPATH:+:$PYTHONPATH}')
