@@ -243,7 +243,7 @@ def test_launch_sglang_engine(tiny, tmp_path):
     src, dst = tiny
     out = tmp_path / "sg.sh"
     base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "24", "--compute-capability", "8.6"]
-    # the default release (0.5.17) reads q_b_proj.weight, which this model's quantized q_b_proj lacks
+    # the default release (0.5.17) reads q_b_proj.weight, which this model's GPTQ-packed q_b_proj lacks
     r = run("launch", dst, "-o", out, *base)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "q_b_proj" in r.stderr, r.stderr
     assert not out.exists()

@@ -237,22 +237,24 @@ def test_serve_dry_run_prints_what_launch_writes(tiny, tmp_path, monkeypatch):
     assert out.split() == ["python3", *got] and got[-2:] == ["--port", "9001"]
 
 
-def test_deepseek_with_quantized_q_b_proj_is_refused_on_the_releases_that_read_its_weight(tiny, tmp_path):
-    """SGLang 0.5.17 failed to build the converted tiny DeepSeek (``q_b_proj.weight`` of a quantized q_b_proj,
-    docs/validation.md); 0.5.16 and 0.5.18 carry the same line. ``launch`` refuses those versions with one error
-    line and exit 2, writes nothing, and a script written for 0.5.19 refuses them at preflight."""
+def test_deepseek_with_quantized_mla_projections_is_refused_on_the_releases_that_read_their_weight(tiny, tmp_path):
+    """SGLang 0.5.15 failed to build the converted tiny DeepSeek on ``fused_qkv_a_proj_with_mqa.weight`` and 0.5.17
+    on ``q_b_proj.weight`` (GPTQ-packed modules have neither, docs/validation.md); the lines are in 0.5.10-0.5.15
+    and 0.5.16-0.5.18. ``launch`` refuses those versions with one error line naming the module and exit 2, writes
+    nothing, and a script written for 0.5.19 refuses them at preflight."""
     base = ["--engine", "sglang", "--gpus", "1", "--gpu-memory", "80", "--compute-capability", "9.0"]
-    for bad in ("0.5.16", "0.5.17", "0.5.18.post1"):
+    for bad, module in (("0.5.10", "fused_qkv_a_proj_with_mqa"), ("0.5.15", "fused_qkv_a_proj_with_mqa"),
+                        ("0.5.16", "q_b_proj"), ("0.5.17", "q_b_proj"), ("0.5.18.post1", "q_b_proj")):
         s = tmp_path / f"{bad}.sh"
         code, out, err = w3repack_in_process("launch", tiny, "-o", s, "--sglang-version", bad, *base)
         assert code == 2 and not s.exists(), (bad, code, err)
-        assert err.count("error:") == 1 and "q_b_proj" in err and "0.5.15 or >= 0.5.19" in err
-    for good in ("0.5.15", "0.5.19"):
-        code, _, err = w3repack_in_process("launch", tiny, "-o", tmp_path / f"{good}.sh", "--sglang-version", good, *base)
-        assert code == 0, (good, err)
-    for installed, rc in (("0.5.17", 1), ("0.5.18", 1), ("0.5.19", 0), ("0.5.15", 0)):
+        assert err.count("error:") == 1 and f"reads {module}.weight" in err and "0.5.10-0.5.18 cannot build" in err, err
+    code, _, err = w3repack_in_process("launch", tiny, "-o", tmp_path / "0.5.19.sh", "--sglang-version", "0.5.19", *base)
+    assert code == 0, err
+    for installed, rc in (("0.5.10", 1), ("0.5.15", 1), ("0.5.17", 1), ("0.5.18", 1), ("0.5.19", 0), ("0.5.23", 0)):
         tools, rec = fake_tools(tmp_path / f"t{installed}", gpus=1, mib=81920, sglang=installed)
         r = run_script(tmp_path / "0.5.19.sh", tools)
         assert (r.returncode != 0) == bool(rc), (installed, r.stderr)
         assert (b"cannot build this DeepSeek model" in r.stderr) == bool(rc)
+        assert (b"outside 0.5.10-0.5.18" in r.stderr) == bool(rc)
         assert (rec / "python3.argv").exists() != bool(rc)

@@ -7,8 +7,9 @@ in :data:`ARCHITECTURES` (DeepSeek-V2/V3/V3.2 with MLA; GLM-4.5+ MoE and Qwen2/Q
   ``gptq_marlin``; ``auto-round`` experts that Marlin could take go to ``moe_wna16`` (Triton), GPTQ-style ones to
   the GPTQ Marlin MoE method. A 3-bit module gets the removed non-Marlin GPTQ kernel (``RuntimeError: The non-Marlin
   GPTQ CUDA kernel has been removed``) or ``moe_wna16`` (4/8 bits only). :func:`check_model` refuses such a checkpoint.
-- Measured (0.5.17, docs/validation.md): ``DeepseekV2AttentionMLA.__init__`` reads ``q_b_proj.weight``, which a
-  quantized ``q_b_proj`` lacks; 0.5.16-0.5.18 have the line (:data:`Q_B_WEIGHT_READ`): refused for such a model.
+- Measured (docs/validation.md): ``DeepseekV2AttentionMLA.__init__`` reads the ``weight`` of modules that GPTQ
+  packing leaves without one: ``fused_qkv_a_proj_with_mqa`` (0.5.15; the line is in 0.5.10 too) and ``q_b_proj``
+  (0.5.17; also in 0.5.16 and 0.5.18). :data:`MLA_WEIGHT_READS`: such a model is refused on those releases.
 - Its DeepSeek loader dequantizes any ``kv_b_proj`` that has a ``qweight`` as AWQ, which misreads GPTQ packing:
   only a float ``kv_b_proj`` (``w3repack convert --kv-b-float``, the default) is served correctly (MLA only).
 - ``GPTQMarlinMoEScheme`` allocates the expert scales as float16 whatever the model dtype, and the Marlin MoE
@@ -44,9 +45,12 @@ from repack.serve.arch import ArchSpec, Layout
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
-# releases whose DeepseekV2AttentionMLA.__init__ reads ``tuple(self.q_b_proj.weight.shape)`` (read in the wheels;
-# the AttributeError measured on 0.5.17, docs/validation.md); 0.5.10-0.5.15 and 0.5.19-0.5.23 do not have the line
-Q_B_WEIGHT_READ = ((0, 5, 16), (0, 5, 18))
+# (ModelFacts field, module read, first, last release): DeepseekV2AttentionMLA.__init__ reads ``<module>.weight``
+# unconditionally, and a GPTQ-packed module has none (AttributeError measured: fused_qkv_a_proj_with_mqa on 0.5.15,
+# read in 0.5.10 and 0.5.15, passed only for awq/awq_marlin/moe_wna16 configs; q_b_proj on 0.5.17, read in
+# 0.5.16-0.5.18 and absent from 0.5.10-0.5.15 and 0.5.19-0.5.23). 0.5.19+ not run on such a model.
+MLA_WEIGHT_READS = (("quantized_q_a", "fused_qkv_a_proj_with_mqa", (0, 5, 10), (0, 5, 15)),
+                    ("quantized_q_b", "q_b_proj", (0, 5, 16), (0, 5, 18)))
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 GIB = 1 << 30
@@ -110,6 +114,7 @@ class ModelFacts:
     kv_lora_rank: int = 0            # MLA only
     qk_rope_head_dim: int = 0        # MLA only
     max_positions: int = 0
+    quantized_q_a: int = 0           # MLA q_a_proj / kv_a_proj_with_mqa modules that are GPTQ-packed (SGLang fuses them)
 
 
 def facts(model: planner.Model) -> ModelFacts:
@@ -120,7 +125,7 @@ def facts(model: planner.Model) -> ModelFacts:
         if part in ("qzeros", "scales"):
             parts.setdefault(module, {})[part] = shape
     bits: dict[int, int] = {}
-    kv_b = q_b = 0
+    kv_b = q_b = q_a = 0
     moe_q = False
     n = model.layers
     for module, p in parts.items():
@@ -133,11 +138,12 @@ def facts(model: planner.Model) -> ModelFacts:
         bits[b] = bits.get(b, 0) + 1
         kv_b += module.endswith("kv_b_proj")
         q_b += module.endswith(".q_b_proj")
+        q_a += module.endswith((".q_a_proj", ".kv_a_proj_with_mqa"))
         moe_q = moe_q or ".experts." in module
     arch = (c.get("architectures") or ["?"])[0]
     return ModelFacts(str(arch), model.spec, dict(sorted(bits.items())), kv_b, q_b, moe_q, model.mla,
                       c.get("index_topk") is not None, "auto_map" in c, n, int(c.get("kv_lora_rank") or 0),
-                      int(c.get("qk_rope_head_dim") or 0), model.max_positions)
+                      int(c.get("qk_rope_head_dim") or 0), model.max_positions, q_a)
 
 
 def check_model(model: planner.Model, f: ModelFacts | None = None) -> ModelFacts:
@@ -344,6 +350,16 @@ def _consumer(gpu: planner.Gpu, consumer_pcie: bool | None) -> bool:
     return gpu.cc in ("8.6", "8.9", "12.0") and gpu.memory_gib <= 32
 
 
+def _v(t: tuple[int, ...]) -> str:
+    return ".".join(map(str, t))
+
+
+def mla_refused(f: ModelFacts) -> tuple[str, str] | None:
+    """(first, last) SGLang release that cannot build this model (:data:`MLA_WEIGHT_READS`), or None."""
+    spans = [(lo, hi) for name, _, lo, hi in MLA_WEIGHT_READS if f.mla and getattr(f, name)]
+    return (_v(min(s[0] for s in spans)), _v(max(s[1] for s in spans))) if spans else None
+
+
 def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: float, gpu: planner.Gpu,
                    tp: int | None = None, *, version: str | None = None, host: str = DEFAULT_HOST,
                    port: int = DEFAULT_PORT, mem_fraction_static: float | None = None, context_length: int | None = None,
@@ -368,12 +384,15 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be in 1..65535")
     ver = check_version(version or installed_sglang() or DEFAULT_SGLANG)
-    if f.mla and f.quantized_q_b and Q_B_WEIGHT_READ[0] <= Version(ver).release[:3] <= Q_B_WEIGHT_READ[1]:
-        raise UserError(f"{model_path}: SGLang {ver} cannot build this DeepSeek model: its MLA attention reads "
-                        f"q_b_proj.weight, which the {f.quantized_q_b} quantized q_b_proj modules lack (measured on "
-                        "0.5.17: AttributeError: 'ColumnParallelLinear' object has no attribute 'weight'; the same line "
-                        "is in 0.5.16 and 0.5.18); use --sglang-version 0.5.15 or >= 0.5.19 (not run on this model), "
-                        "or --engine vllm")
+    refused = mla_refused(f)
+    for field_name, module, lo, hi in MLA_WEIGHT_READS:
+        n_q = getattr(f, field_name)
+        if refused and n_q and lo <= Version(ver).release[:3] <= hi:
+            raise UserError(f"{model_path}: SGLang {ver} cannot build this DeepSeek model: its MLA attention reads "
+                            f"{module}.weight, which GPTQ-packed modules lack ({n_q} here; the line is in "
+                            f"{_v(lo)}-{_v(hi)}, measured on {'0.5.15' if lo == (0, 5, 10) else '0.5.17'}); SGLang "
+                            f"{refused[0]}-{refused[1]} cannot build it: use a later release (not run on this model) "
+                            "or --engine vllm")
     warnings: list[str] = []
     reasons: list[str] = []
     if gpu.cc_tuple < (8, 0):
@@ -441,8 +460,6 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
     if disable_cuda_graph:
         argv += ["--disable-cuda-graph"]
     argv += ["--host", host, "--port", str(port), *extra_args]
-    refused = (".".join(map(str, Q_B_WEIGHT_READ[0])), ".".join(map(str, Q_B_WEIGHT_READ[1]))) \
-        if f.mla and f.quantized_q_b else None
     return SglangLaunch(model_path, argv, dict(env or {}), ver, MIN_SGLANG, gpu, tp, mem, dtype, backend,
                         reasons, warnings, layout_problems=problems, ep_size=ep, refused=refused)
 
@@ -490,8 +507,9 @@ def script(launch: SglangLaunch, recipe: dict | None = None) -> str:
           *([] if not launch.refused else [
               sh.assign("BAD_FROM", launch.refused[0]), sh.assign("BAD_TO", launch.refused[1]),
               'if version_ge "$SGLANG_VERSION" "$BAD_FROM" && version_ge "$BAD_TO" "$SGLANG_VERSION"; then',
-              '  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads q_b_proj.weight, '
-              'which a quantized q_b_proj lacks); install 0.5.15 or >= 0.5.19"',
+              '  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads the weight of '
+              f'GPTQ-packed q_a/kv_a or q_b projections, which they lack); install a release outside {launch.refused[0]}-'
+              f'{launch.refused[1]}"',
               'fi']),
           'echo "preflight: ${#MEM_MIB[@]} GPUs, SGLang $SGLANG_VERSION: ok" >&2',
           ""]

@@ -33,10 +33,10 @@ SGLANG_VERSION="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version(
 SGLANG_VERSION="${SGLANG_VERSION%%+*}"
 version_ge "$SGLANG_VERSION" "$MIN_SGLANG" || die "SGLang $SGLANG_VERSION is older than $MIN_SGLANG, which these flags need"
 [ "$SGLANG_VERSION" = "$FLAGS_SGLANG" ] || echo "preflight: note: SGLang $SGLANG_VERSION installed, flags chosen for $FLAGS_SGLANG; regenerate with --sglang-version $SGLANG_VERSION if it refuses them" >&2
-BAD_FROM=0.5.16
+BAD_FROM=0.5.10
 BAD_TO=0.5.18
 if version_ge "$SGLANG_VERSION" "$BAD_FROM" && version_ge "$BAD_TO" "$SGLANG_VERSION"; then
-  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads q_b_proj.weight, which a quantized q_b_proj lacks); install 0.5.15 or >= 0.5.19"
+  die "SGLang $SGLANG_VERSION cannot build this DeepSeek model (its MLA attention reads the weight of GPTQ-packed q_a/kv_a or q_b projections, which they lack); install a release outside 0.5.10-0.5.18"
 fi
 echo "preflight: ${#MEM_MIB[@]} GPUs, SGLang $SGLANG_VERSION: ok" >&2
 
