@@ -248,8 +248,12 @@ def main() -> int:
         w = planner.weights_per_gpu(model, 1, 1).per_stage[0] / sg.GIB
         port = args.port + (i if args.parallel else 0)
         share = ["--mem-fraction-static", f"{args.parallel:g}"] if args.parallel else []
-        launch = sg.sglang_command(base, model, w, gpu, 1, python=sys.executable, port=port,
-                                   context_length=2048, dtype="float16", extra_args=extra + more + share)
+        try:
+            launch = sg.sglang_command(base, model, w, gpu, 1, python=sys.executable, port=port,
+                                       context_length=2048, dtype="float16", extra_args=extra + more + share)
+        except UserError as e:  # the launcher refuses this SGLang for the model: a verdict, not a crash
+            row(f"{name} launcher", False, f"error: {e}"[:300])
+            continue
         argv = list(launch.argv)
         argv[len(sg.HEAD)] = paths[key]
         trace = out / f"{name}.trace.jsonl"
@@ -259,7 +263,7 @@ def main() -> int:
         if args.parallel else {}
     for name, key, dtype, _more, smoke in wanted:
         if name not in launches:
-            row(f"{name} served", False, f"no {key} checkpoint")
+            row(f"{name} served", False, f"not launched: no {key} checkpoint, or the launcher refused it (above)")
             continue
         if dl.left() < 30:
             row(f"{name} served", False, "no time left")
