@@ -45,12 +45,12 @@ from repack.serve.arch import ArchSpec, Layout
 
 DEFAULT_SGLANG = "0.5.17"   # the newest release whose wheel pins torch 2.11
 MIN_SGLANG = "0.5.10"       # the oldest release read: auto-round with regex extra_config, Marlin MoE
-# (ModelFacts field, module read, first, last release): DeepseekV2AttentionMLA.__init__ reads ``<module>.weight``
+# (ModelFacts field, module read, first, last release, release measured on): DeepseekV2AttentionMLA.__init__ reads ``<module>.weight``
 # unconditionally, and a GPTQ-packed module has none (AttributeError measured: fused_qkv_a_proj_with_mqa on 0.5.15,
 # read in 0.5.10 and 0.5.15, passed only for awq/awq_marlin/moe_wna16 configs; q_b_proj on 0.5.17, read in
 # 0.5.16-0.5.18 and absent from 0.5.10-0.5.15 and 0.5.19-0.5.23). 0.5.19+ not run on such a model.
-MLA_WEIGHT_READS = (("quantized_q_a", "fused_qkv_a_proj_with_mqa", (0, 5, 10), (0, 5, 15)),
-                    ("quantized_q_b", "q_b_proj", (0, 5, 16), (0, 5, 18)))
+MLA_WEIGHT_READS = (("quantized_q_a", "fused_qkv_a_proj_with_mqa", (0, 5, 10), (0, 5, 15), "0.5.15"),
+                    ("quantized_q_b", "q_b_proj", (0, 5, 16), (0, 5, 18), "0.5.17"))
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 GIB = 1 << 30
@@ -356,7 +356,7 @@ def _v(t: tuple[int, ...]) -> str:
 
 def mla_refused(f: ModelFacts) -> tuple[str, str] | None:
     """(first, last) SGLang release that cannot build this model (:data:`MLA_WEIGHT_READS`), or None."""
-    spans = [(lo, hi) for name, _, lo, hi in MLA_WEIGHT_READS if f.mla and getattr(f, name)]
+    spans = [(lo, hi) for name, _, lo, hi, _ in MLA_WEIGHT_READS if f.mla and getattr(f, name)]
     return (_v(min(s[0] for s in spans)), _v(max(s[1] for s in spans))) if spans else None
 
 
@@ -385,12 +385,12 @@ def sglang_command(model_path: str, model: planner.Model, weights_gib_per_gpu: f
         raise UserError(f"--port {port}: must be in 1..65535")
     ver = check_version(version or installed_sglang() or DEFAULT_SGLANG)
     refused = mla_refused(f)
-    for field_name, module, lo, hi in MLA_WEIGHT_READS:
+    for field_name, module, lo, hi, measured in MLA_WEIGHT_READS:
         n_q = getattr(f, field_name)
         if refused and n_q and lo <= Version(ver).release[:3] <= hi:
             raise UserError(f"{model_path}: SGLang {ver} cannot build this DeepSeek model: its MLA attention reads "
                             f"{module}.weight, which GPTQ-packed modules lack ({n_q} here; the line is in "
-                            f"{_v(lo)}-{_v(hi)}, measured on {'0.5.15' if lo == (0, 5, 10) else '0.5.17'}); SGLang "
+                            f"{_v(lo)}-{_v(hi)}, measured on {measured}); SGLang "
                             f"{refused[0]}-{refused[1]} cannot build it: use a later release (not run on this model) "
                             "or --engine vllm")
     warnings: list[str] = []
